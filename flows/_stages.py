@@ -1,0 +1,106 @@
+"""Stage bodies: each composes the tasks of one stage inside an MLflow child run.
+
+Flows call :func:`run_stages`, which runs a target stage after the stages it depends on (each
+reuses its cache when it is there) under one MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from prefect import flow, unmapped
+
+from tasks import extract as extract_tasks
+from tasks.tracking import close_run, open_run
+from vitdistill.config import OrchestrationConfig, VitdistillConfig
+from vitdistill.stages import NOT_BUILT, StageResult, stages_to_run
+from vitdistill.tracking import get_tracker
+
+
+@contextmanager
+def stage_run(config: VitdistillConfig, name: str, parent_run_id: str | None) -> Iterator[str]:
+    run_id = open_run(config, name, parent_run_id)
+    try:
+        yield run_id
+    except BaseException:
+        close_run(config, run_id, "FAILED")
+        raise
+    close_run(config, run_id, "FINISHED")
+
+
+def task_runner(orch: OrchestrationConfig):
+    if orch.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+
+
+@flow(name="extract-shards")
+def _map_shards(plan: dict) -> list[dict]:
+    """One task per input shard, on the task runner chosen by ``orchestration``."""
+    futures = extract_tasks.extract_one.map(unmapped(plan), list(range(len(plan["inputs"]))))
+    return [f.result() for f in futures]
+
+
+def extract_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
+    with stage_run(config, "extract", parent) as run_id:
+        t0 = time.perf_counter()
+        inputs = extract_tasks.ingest(config)
+        plan = extract_tasks.plan(config, inputs)
+        records = _map_shards.with_options(task_runner=task_runner(config.orchestration))(plan)
+        manifest = extract_tasks.finalize(plan, records)
+        result = extract_tasks.report(config, run_id, plan, manifest, time.perf_counter() - t0)
+    ctx["cache_dir"] = result["paths"]["cache_dir"]
+    return StageResult(**result)
+
+
+def probe_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
+    from tasks import probe as probe_tasks
+
+    if not config.probe.enabled:
+        return StageResult("probe", "disabled", message="probe.enabled is false")
+    with stage_run(config, "probe", parent) as run_id:
+        result = probe_tasks.probe(config, run_id, ctx["cache_dir"])
+    return StageResult(**result)
+
+
+def not_built(stage: str) -> Callable[[VitdistillConfig, str, dict], StageResult]:
+    def run(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
+        return StageResult(stage, "not built", message=NOT_BUILT[stage])
+
+    return run
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[VitdistillConfig, str, dict], StageResult]] = {
+    "extract": extract_stage,
+    "probe": probe_stage,
+    "lit": not_built("lit"),
+    "distill": not_built("distill"),
+    "evaluate": not_built("evaluate"),
+}
+
+
+def run_stages(config: VitdistillConfig, target: str) -> dict:
+    """Run ``target`` (a stage or ``pipeline``) and what it needs, under one MLflow parent run."""
+    tracker = get_tracker(config.tracking)
+    results: list[StageResult] = []
+    ctx: dict = {}
+    with stage_run(config, target, None) as parent:
+        for stage in stages_to_run(target):
+            results.append(STAGE_FUNCTIONS[stage](config, parent, ctx))
+    return {
+        "target": target,
+        "mlflow_run_id": parent,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.uri,
+        "mlflow_run_url": tracker.run_url(parent),
+        "mlflow_ui": tracker.ui_command(),
+        "stages": [r.to_dict() for r in results],
+    }

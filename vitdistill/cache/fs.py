@@ -1,0 +1,167 @@
+"""Local-or-remote paths through fsspec, with atomic publishing.
+
+Everything that writes a shard or a manifest writes a local temporary file first and then
+*publishes* it: ``os.replace`` on local disk (atomic on POSIX), a single upload on object stores
+(an S3 object appears whole or not at all). Readers therefore never see a torn file.
+
+S3 endpoints and credentials come from the environment (``AWS_ENDPOINT_URL`` or
+``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...), never from the config, so they are never
+logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from vitdistill.errors import DataError
+
+_TMP_PREFIX = ".tmp-"
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"{url}: unsupported or invalid URI ({e})") from None
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    return fs.exists(path)
+
+
+def size(url: str) -> int | None:
+    fs, path = get_fs(url)
+    try:
+        return int(fs.size(path))
+    except FileNotFoundError:
+        return None
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = get_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(url: str) -> Any:
+    try:
+        return json.loads(read_bytes(url))
+    except FileNotFoundError:
+        raise
+    except json.JSONDecodeError as e:
+        raise DataError(f"{url}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def makedirs(url: str) -> None:
+    fs, path = get_fs(url)
+    if not is_remote(url):
+        fs.makedirs(path, exist_ok=True)
+
+
+def local_tmp_dir(final_url: str) -> str:
+    """Where to stage a file before publishing it to ``final_url``.
+
+    Local targets stage in the same directory (so ``os.replace`` is a rename on one filesystem);
+    remote targets stage in the system temp dir.
+    """
+    if is_remote(final_url):
+        return tempfile.gettempdir()
+    fs, path = get_fs(final_url)
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    return parent
+
+
+@contextmanager
+def staged(final_url: str) -> Iterator[str]:
+    """Yield a local temp path; on clean exit publish it to ``final_url``, else delete it."""
+    tmp = os.path.join(local_tmp_dir(final_url), f"{_TMP_PREFIX}{os.path.basename(final_url)}.{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        publish(tmp, final_url)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def publish(local_path: str, final_url: str) -> None:
+    if is_remote(final_url):
+        fs, path = get_fs(final_url)
+        fs.put_file(local_path, path)
+        os.unlink(local_path)
+    else:
+        _, path = get_fs(final_url)
+        os.replace(local_path, path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    with staged(url) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_bytes_atomic(url, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def open_read(url: str) -> IO[bytes]:
+    fs, path = get_fs(url)
+    return fs.open(path, "rb")
+
+
+def sha256_file(url: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open_read(url) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove_stale_tmp(dir_url: str, older_than_s: float = 3600.0) -> int:
+    """Delete temp files left by killed writers in a local directory; returns how many.
+
+    Only files untouched for ``older_than_s`` go, so a concurrent writer's live temp survives.
+    """
+    import time
+
+    cutoff = time.time() - older_than_s
+    if is_remote(dir_url):
+        return 0
+    _, path = get_fs(dir_url)
+    if not os.path.isdir(path):
+        return 0
+    n = 0
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name.startswith(_TMP_PREFIX):
+            try:
+                if os.path.getmtime(full) > cutoff:
+                    continue
+                os.unlink(full)
+                n += 1
+            except FileNotFoundError:
+                pass
+    return n

@@ -1,0 +1,245 @@
+"""One typed config tree: the single source of parameters.
+
+The CLI, the Prefect flows (whose parameter *is* :class:`VitdistillConfig`, so the Prefect UI
+renders it as a form), the deployments and the MLflow params all read this tree. YAML files under
+``configs/`` are instances of it, and ``--set dotted.key=value`` overrides any leaf.
+
+Each section owns its defaults; an experiment file only states what differs. Every default is
+chosen so that ``vitdistill run`` with no arguments works offline on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitdistill.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys and wrong types are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "shapes", "folder", "wds"] = Field(
+        "digits", description="dataset registry entry; digits ships with scikit-learn, so it needs no download"
+    )
+    path: str | None = Field(
+        None, description="folder root (source=folder) or shard pattern with braces, local or s3:// (source=wds)"
+    )
+    num_samples: int = Field(2000, ge=10, description="images to generate (source=shapes)")
+    image_size: int = Field(64, ge=16, le=1024, description="generated image side in pixels (source=shapes)")
+    seed: int = Field(0, description="seeds generation and the train/val/test split")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of keys hashed into val")
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0, description="share of keys hashed into test")
+    limit: int | None = Field(None, ge=1, description="keep only the first N samples (quick runs)")
+    shard_samples: int = Field(
+        512, ge=1, description="images per ingested shard; each shard is one mapped extraction task"
+    )
+    on_error: Literal["error", "skip"] = Field(
+        "error", description="corrupt/missing images: fail naming shard and key, or skip and count them"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1 so that train is not empty")
+        if self.source in ("folder", "wds") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class TeacherConfig(Section):
+    name: str = Field(
+        "effnet_lite0_imagenet",
+        description="teacher registry entry or any timm model name (see `vitdistill list teachers`)",
+    )
+    pretrained: bool = Field(True, description="load pretrained weights (packaged or from the hub)")
+    checkpoint: str | None = Field(None, description="local .safetensors/.pth weights, loaded with weights_only=True")
+    batch_size: int = Field(32, ge=1, description="images per teacher forward pass")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on GPU; CPU uses fp32")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+
+
+class CacheConfig(Section):
+    root: str = Field("./vitdistill-cache", description="local dir or s3://bucket/prefix for shards and caches")
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of embeddings and logits")
+    shard_bytes: int = Field(
+        100_000_000, ge=1_000_000, le=4_000_000_000, description="roll feature shards over at this size"
+    )
+    logits_topk: int | None = Field(None, ge=1, description="store only the top-k logits (and their indices)")
+    verify: bool = Field(False, description="re-hash finished shards on resume instead of trusting size + record")
+
+
+class ProbeConfig(Section):
+    enabled: bool = True
+    normalize: bool = Field(True, description="L2-normalise embeddings before probing")
+    l2_grid: list[float] | None = Field(None, description="linear-probe regularisation grid (default: log grid)")
+    fewshot_shots: list[int] = Field(default_factory=lambda: [1, 5, 10, 25])
+    fewshot_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    knn_k: list[int] = Field(default_factory=lambda: [10, 20])
+    knn_temperature: float = Field(0.07, gt=0.0)
+
+
+class LitConfig(Section):
+    enabled: bool = True
+    text_tower: str = Field("minilm", description="text-tower registry entry")
+
+
+class StudentConfig(Section):
+    name: str = Field("vit22b_tiny", description="student registry entry or any timm model name")
+
+
+class DistillConfig(Section):
+    enabled: bool = True
+    mode: Literal["online", "cached"] = "cached"
+
+
+class EvaluateConfig(Section):
+    enabled: bool = True
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    experiment: str = Field("vitdistill", description="MLflow experiment name")
+    artifact_location: str | None = Field(None, description="artifact root for a new experiment (e.g. s3://...)")
+
+    def resolved_uri(self) -> str:
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+class OrchestrationConfig(Section):
+    task_runner: Literal["thread", "dask"] = Field("thread", description="runner for mapped tasks")
+    max_workers: int = Field(1, ge=1, description="thread-pool size for mapped tasks")
+    dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler; none = local cluster")
+    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster")
+
+
+class VitdistillConfig(Section):
+    """The whole pipeline's parameters."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    lit: LitConfig = Field(default_factory=LitConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    """Render pydantic errors as one line: ``origin: key: what was expected``."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}{_valid_keys_hint(e['loc'])}")
+        elif e["type"] == "value_error":
+            parts.append(f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, (dict, list)) else f", got {got!r}"
+            parts.append(f"{loc}: {e['msg'].lower()}{got_s}")
+    return f"{origin}: " + "; ".join(parts)
+
+
+def _valid_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = VitdistillConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    return f" (valid keys here: {', '.join(model.model_fields)})"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); the value is read as a YAML scalar/list."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> VitdistillConfig:
+    """Defaults <- YAML file <- ``--set`` overrides, validated once."""
+    tree: dict = {}
+    origin = "config"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply(tree, keys, value, f"--set {item}")
+    if overrides:
+        origin = f"{origin} (with --set)" if path else "--set"
+    return validate_config(tree, origin)
+
+
+def validate_config(tree: dict, origin: str = "config") -> VitdistillConfig:
+    try:
+        return VitdistillConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"data.source": "digits", ...}``: the form MLflow logs as params."""
+    tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def to_yaml(cfg: VitdistillConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,165 @@
+"""Turn a dataset into image shards, or resolve existing shards: the extraction's inputs.
+
+``ingest`` writes ``{cache.root}/images/{dataset}-{fingerprint}/shard-NNNNN.tar`` (members
+``{key}.png|jpg|webp``, ``{key}.cls``, ``{key}.txt``, ``{key}.json``), each staged and published
+atomically, and ``manifest.json`` last. A finished ingest with the same fingerprint is reused.
+``resolve_inputs`` returns the list of input shards whatever the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from braceexpand import braceexpand
+from tqdm.auto import tqdm
+
+from vitdistill.cache import fs
+from vitdistill.cache.tario import TarShardWriter
+from vitdistill.config import VitdistillConfig
+from vitdistill.data.datasets import RawSample, create_dataset
+from vitdistill.errors import DataError
+
+INGEST_FORMAT = 1
+
+
+@dataclass
+class InputSet:
+    """What the extraction maps over: shard URLs plus what identifies their content."""
+
+    source: str
+    shards: list[str]
+    classes: list[str] | None
+    fingerprint: str
+    manifest: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sample_fields(s: RawSample) -> dict[str, bytes]:
+    fields = {s.ext: s.image}
+    if s.cls is not None:
+        fields["cls"] = str(s.cls).encode()
+    if s.txt is not None:
+        fields["txt"] = s.txt.encode()
+    if s.meta:
+        fields["json"] = json.dumps(s.meta, sort_keys=True).encode()
+    return fields
+
+
+def _finished(manifest_url: str, fingerprint: str) -> dict | None:
+    try:
+        m = fs.read_json(manifest_url)
+    except (FileNotFoundError, DataError):
+        return None
+    if m.get("fingerprint") != fingerprint or m.get("format") != INGEST_FORMAT:
+        return None
+    base = manifest_url.rsplit("/", 1)[0]
+    for sh in m["shards"]:
+        if fs.size(fs.join(base, sh["name"])) != sh["bytes"]:
+            return None
+    return m
+
+
+def ingest(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
+    """Write (or reuse) image shards for a built-in or folder dataset."""
+    ds = create_dataset(cfg.data)
+    fingerprint = hashlib.sha256(
+        f"{ds.fingerprint()}/{cfg.data.shard_samples}/{INGEST_FORMAT}".encode()
+    ).hexdigest()
+    out_dir = fs.join(cfg.cache.root, "images", f"{ds.name}-{fingerprint[:16]}")
+    manifest_url = fs.join(out_dir, "manifest.json")
+    done = _finished(manifest_url, fingerprint)
+    if done is None:
+        done = _write_shards(ds, out_dir, cfg.data.shard_samples, fingerprint, progress)
+        fs.write_json_atomic(manifest_url, done)
+    return InputSet(
+        source=ds.name,
+        shards=[fs.join(out_dir, sh["name"]) for sh in done["shards"]],
+        classes=done["classes"],
+        fingerprint=fingerprint,
+        manifest=manifest_url,
+    )
+
+
+def _write_shards(ds, out_dir: str, per_shard: int, fingerprint: str, progress: bool) -> dict:
+    fs.makedirs(out_dir)
+    shards: list[dict] = []
+    bar = tqdm(desc=f"ingest {ds.name}", unit="img", disable=not progress, leave=False)
+    samples = iter(ds)
+    index = 0
+    while True:
+        batch = []
+        for s in samples:
+            batch.append(s)
+            if len(batch) == per_shard:
+                break
+        if not batch:
+            break
+        name = f"shard-{index:05d}.tar"
+        url = fs.join(out_dir, name)
+        with fs.staged(url) as tmp:
+            writer = TarShardWriter(tmp)
+            for s in batch:
+                writer.write(s.key, _sample_fields(s))
+            writer.close()
+            record = {
+                "name": name,
+                "count": writer.count,
+                "bytes": writer.bytes_written,
+                "sha256": fs.sha256_file(tmp),
+                "first_key": writer.first_key,
+                "last_key": writer.last_key,
+            }
+        shards.append(record)
+        bar.update(len(batch))
+        index += 1
+    bar.close()
+    if not shards:
+        raise DataError(f"dataset {ds.name!r} yielded no samples")
+    return {
+        "format": INGEST_FORMAT,
+        "kind": "images",
+        "dataset": ds.name,
+        "fingerprint": fingerprint,
+        "classes": ds.classes,
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+    }
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """``"s3://b/train-{000..009}.tar"`` -> ten URLs; several patterns may be joined with ``::``."""
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        urls.extend(braceexpand(part.strip()))
+    return urls
+
+
+def resolve_inputs(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
+    """Input shards for the extraction: existing ``wds`` shards, or the ingested dataset."""
+    if cfg.data.source != "wds":
+        return ingest(cfg, progress=progress)
+    urls = expand_pattern(cfg.data.path or "")
+    infos = []
+    for url in urls:
+        fsys, path = fs.get_fs(url)
+        try:
+            info = fsys.info(path)
+        except FileNotFoundError:
+            raise DataError(f"data.path: shard {url} not found") from None
+        infos.append([url, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))])
+    fingerprint = hashlib.sha256(json.dumps(infos, sort_keys=True).encode()).hexdigest()
+    return InputSet(source="wds", shards=urls, classes=_wds_classes(urls[0]), fingerprint=fingerprint)
+
+
+def _wds_classes(first_url: str) -> list[str] | None:
+    """Class names for existing shards from an optional ``classes.txt`` beside them."""
+    url = fs.join(first_url.rsplit("/", 1)[0], "classes.txt") if "/" in first_url else "classes.txt"
+    try:
+        names = [ln.strip() for ln in fs.read_bytes(url).decode().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return None
+    return names or None

@@ -1,0 +1,125 @@
+"""MLflow tracking with explicit run ids.
+
+Runs are addressed by id rather than through MLflow's global "active run", so stages can log from
+worker threads or processes. A flow run opens one parent run; each stage opens a nested child
+(``mlflow.parentRunId``). Params and metrics go in batches.
+
+Default tracking URI: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tempfile
+from typing import Any
+
+from vitdistill.config import TrackingConfig, VitdistillConfig, flatten, to_yaml
+
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_PARAM_LEN = 6000
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = cfg.resolved_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp = self.client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+            except Exception:  # created concurrently by another process: read it back
+                exp = self.client.get_experiment_by_name(cfg.experiment)
+                if exp is None:
+                    raise
+                self.experiment_id = exp.experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+
+    # ------------------------------------------------------------------ values
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_config(self, run_id: str, cfg: VitdistillConfig) -> None:
+        """The resolved config: flattened as params and whole as ``config.yaml``."""
+        self.log_params(run_id, flatten(cfg))
+        self.client.log_text(run_id, to_yaml(cfg), "config.yaml")
+
+    # ------------------------------------------------------------------ artifacts
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(obj, indent=2), artifact_file)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, os.path.basename(artifact_file))
+            with open(path, "wb") as f:
+                f.write(buf.getvalue())
+            self.client.log_artifact(run_id, path, os.path.dirname(artifact_file) or None)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, local_path, artifact_path)
+
+    # ------------------------------------------------------------------ where to look
+    def run_url(self, run_id: str) -> str | None:
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return None
+
+    def ui_command(self) -> str:
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri}"
+        return f"mlflow ui --backend-store-uri {self.uri} --port 5000"
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
+
+
+@functools.lru_cache(maxsize=8)
+def _tracker(cfg_json: str) -> Tracker:
+    return Tracker(TrackingConfig.model_validate_json(cfg_json))
+
+
+def get_tracker(cfg: TrackingConfig) -> Tracker:
+    """One Tracker per distinct tracking config and process (MLflow clients are thread-safe)."""
+    return _tracker(cfg.model_dump_json())

@@ -1,0 +1,256 @@
+"""The ``vitdistill`` command line.
+
+    vitdistill run                                  # whole pipeline on embedded defaults
+    vitdistill probe -c configs/shapes.yaml --set probe.knn_k=[5,10] --json out.json
+    vitdistill config show --set data.source=shapes
+    vitdistill list teachers
+
+Every stage command takes ``-c/--config FILE``, repeatable ``--set dotted.key=value`` and
+``--json PATH``. Bad input exits non-zero with one line on stderr; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry lookups fail offline
+os.environ.setdefault("PREFECT_UI_ENABLED", "true")
+
+app = typer.Typer(
+    name="vitdistill",
+    help="Frozen vision teacher -> feature cache -> probes, LiT, distillation, evaluations; Prefect + MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or validate the resolved config.", no_args_is_help=True)
+data_app = typer.Typer(help="Dataset utilities.", no_args_is_help=True)
+list_app = typer.Typer(help="List registered plug-ins.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(list_app, name="list")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML config file (an instance of the config tree).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: dotted.key=value (repeatable).")]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the command's result (metrics, paths, run ids) as JSON.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and Prefect's error logs.")]
+
+
+# --------------------------------------------------------------------------- error handling
+
+
+class _NoTracebacks(logging.Filter):
+    """Keep Prefect's error logs to their first line unless --debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        msg = record.getMessage()
+        if "\nTraceback" in msg:
+            record.msg, record.args = msg.split("\nTraceback", 1)[0], ()
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for h in logging.getLogger(name).handlers:
+            h.addFilter(_NoTracebacks())
+
+
+def _one_line(e: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from vitdistill.errors import VitdistillError
+
+    if isinstance(e, VitdistillError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ValidationError):
+        return f"invalid value: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}"
+    if isinstance(e, FileNotFoundError):
+        return f"{e.filename or e}: file not found"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first} (re-run with --debug for the traceback)"
+
+
+def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
+    if debug:
+        return fn()
+    try:
+        return fn()
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # every failure becomes one line on stderr
+        from vitdistill.errors import VitdistillError
+
+        err.print(f"[bold red]error:[/] {_one_line(e)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(e, VitdistillError) else 1) from None
+
+
+def _load(config: Path | None, sets: list[str] | None):
+    from vitdistill.config import load_config
+
+    return load_config(config, sets or [])
+
+
+def _write_json(path: Path | None, result: Any) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _summary(result: dict) -> None:
+    table = Table(title=f"vitdistill {result['target']}", show_lines=False)
+    table.add_column("stage", style="bold")
+    table.add_column("status")
+    table.add_column("headline")
+    table.add_column("MLflow run", style="dim")
+    colour = {"ok": "green", "not built": "yellow", "disabled": "dim", "failed": "red"}
+    for s in result["stages"]:
+        status = f"[{colour.get(s['status'], 'white')}]{s['status']}[/]"
+        table.add_row(s["stage"], status, s["headline"] or s["message"], s["run_id"] or "-")
+    out.print(table)
+    out.print(f"MLflow parent run [bold]{result['mlflow_run_id']}[/] (experiment {result['mlflow_experiment_id']}, {result['tracking_uri']})")
+    if result.get("mlflow_run_url"):
+        out.print(f"  open: {result['mlflow_run_url']}")
+    out.print(f"  MLflow UI: [cyan]{result['mlflow_ui']}[/]  -> http://127.0.0.1:5000")
+    out.print("  Prefect UI: [cyan]prefect server start[/]  -> http://127.0.0.1:4200 (shows ephemeral runs too)")
+
+
+def _run_target(target: str, config: Path | None, sets: list[str] | None, json_path: Path | None, debug: bool) -> None:
+    def body() -> dict:
+        cfg = _load(config, sets)
+        if not debug:
+            logging.getLogger("prefect").setLevel(logging.INFO)
+        from flows.pipeline import FLOWS
+
+        if not debug:
+            _quiet_prefect_tracebacks()
+        result = FLOWS[target](cfg)
+        _write_json(json_path, result)
+        return result
+
+    result = _guard(debug, body)
+    _summary(result)
+    failed = [s for s in result["stages"] if s["status"] == "failed"]
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False) -> None:
+    """Run the whole pipeline: extract -> probe -> lit -> distill -> evaluate."""
+    _run_target("pipeline", config, set_, json_path, debug)
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    def cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False) -> None:
+        _run_target(stage, config, set_, json_path, debug)
+
+    cmd.__doc__ = help_text
+    app.command(stage)(cmd)
+
+
+_stage_command("extract", "Extract teacher features into the sharded webdataset cache (resumes; reuses a finished cache).")
+_stage_command("probe", "Linear, few-shot and kNN probes on the cached features (extracts first if needed).")
+_stage_command("lit", "LiT: align a text tower to the locked image features; zero-shot and retrieval eval.")
+_stage_command("distill", "Distil the teacher into a small student, online or from cached teacher outputs.")
+_stage_command("evaluate", "Shape bias, robustness, calibration and subgroup-gap evaluations.")
+
+
+
+# --------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, flat: Annotated[bool, typer.Option("--flat", help="dotted.key = value lines")] = False,
+                debug: DebugOpt = False) -> None:
+    """Print the resolved config (defaults <- file <- --set) as YAML."""
+    from vitdistill.config import flatten, to_yaml
+
+    cfg = _guard(debug, lambda: _load(config, set_))
+    if flat:
+        for k, v in flatten(cfg).items():
+            out.print(f"{k} = {v!r}", highlight=False)
+    else:
+        out.print(to_yaml(cfg), highlight=False, end="")
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Check a config file; exits non-zero with one line naming the bad key."""
+    _guard(debug, lambda: _load(config, set_))
+    out.print(f"ok: {config or 'defaults'} is a valid vitdistill config")
+
+
+# --------------------------------------------------------------------------- data and registries
+
+
+@data_app.command("ingest")
+def data_ingest(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False) -> None:
+    """Write the configured dataset (digits, shapes, folder) as image shards; reuses finished ones."""
+
+    def body() -> dict:
+        from vitdistill.data.ingest import resolve_inputs
+
+        return resolve_inputs(_load(config, set_)).to_dict()
+
+    result = _guard(debug, body)
+    _write_json(json_path, result)
+    out.print(f"{len(result['shards'])} shards, manifest {result['manifest'] or '(existing wds shards)'}")
+    for s in result["shards"]:
+        out.print(f"  {s}", highlight=False)
+
+
+@list_app.command("teachers")
+def list_teachers_cmd(pattern: Annotated[str, typer.Argument(help="shell-style pattern")] = "*") -> None:
+    """Registered teachers (any timm model name works too)."""
+    from vitdistill.models.teachers import list_teachers
+
+    for n in list_teachers(pattern):
+        out.print(n)
+    out.print("[dim]... or any timm model name (timm.list_models()), with teacher.pretrained / teacher.checkpoint[/]")
+
+
+@list_app.command("datasets")
+def list_datasets_cmd() -> None:
+    """Dataset sources for data.source."""
+    from vitdistill.data.datasets import list_datasets
+
+    for n in list_datasets():
+        out.print(n)
+
+
+@list_app.command("stages")
+def list_stages_cmd() -> None:
+    """Pipeline stages and what each needs first."""
+    from vitdistill.stages import DEPENDS_ON, NOT_BUILT
+
+    for s, deps in DEPENDS_ON.items():
+        note = f"  [yellow](not built: {NOT_BUILT[s]})[/]" if s in NOT_BUILT else ""
+        out.print(f"{s}  <- {', '.join(deps) or '-'}{note}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
