@@ -62,7 +62,7 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str) -> Iterator[tuple[str, dict
                 if parsed is None:
                     continue  # e.g. a README or __index__ without a field: not a sample member
                 k, field = parsed
-                if field.lower().endswith(UNSAFE_FIELDS):
+                if ("." + field.lower()).endswith(UNSAFE_FIELDS):
                     raise DataError(
                         f"{shard}: sample {k!r} has field {field!r}, a pickle format that is never loaded "
                         "from data; store arrays as .npy and metadata as .json"

@@ -115,7 +115,7 @@ def _place(t: Teacher, cfg: TeacherConfig) -> Teacher:
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(sd):
-        v = sd[k].detach().cpu().contiguous()
+        v = sd[k].detach().cpu().contiguous().reshape(-1)  # (N,): 0-d tensors cannot be viewed as bytes
         h.update(k.encode())
         h.update(str(v.dtype).encode())
         h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vitdistill.errors import DataError
+from vitdistill.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,22 @@ def require_classes(split: Split, minimum: int = 2) -> None:
             f"{split.name}: labels contain {present.size} distinct class(es) {present.tolist()}; "
             f"expected at least {minimum}"
         )
+
+
+def check_l2_grid(l2_grid: object, default: tuple[float, ...]) -> tuple[float, ...]:
+    """The grid (``default`` if None) as sorted unique positive floats, weakest l2 first."""
+    grid = tuple(sorted({float(v) for v in (default if l2_grid is None else l2_grid)}))  # type: ignore[attr-defined]
+    if not grid or not all(np.isfinite(v) and v > 0 for v in grid):
+        raise ConfigError(f"l2_grid must be a non-empty sequence of positive finite floats, got {l2_grid!r}")
+    return grid
+
+
+def check_positive_ints(name: str, values: object) -> tuple[int, ...]:
+    """``values`` as sorted unique positive ints (shots, k of kNN)."""
+    out = tuple(sorted({int(v) for v in values}))  # type: ignore[attr-defined]
+    if not out or out[0] < 1:
+        raise ConfigError(f"{name} must be a non-empty sequence of positive integers, got {values!r}")
+    return out
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -21,14 +21,21 @@ b absorbs ``-W mu``), so it changes no prediction; it only conditions the proble
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from vitdistill.errors import ConfigError
-from vitdistill.probes.inputs import check_split, check_splits, l2_normalize, require_classes, resolve_num_classes
+from vitdistill.probes.inputs import (
+    check_l2_grid,
+    check_split,
+    check_splits,
+    l2_normalize,
+    require_classes,
+    resolve_num_classes,
+)
 from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_accuracy
 
 # Half-decade steps from 1e-7 (close to unregularised for unit-norm features) to 1 (a constant
@@ -85,7 +92,6 @@ class Sweep:
     val_top1_by_l2: dict[float, float]
     best: LogRegModel  # model at the chosen l2, fitted on train
     num_iterations: int  # L-BFGS iterations over the whole sweep
-    models: list[LogRegModel] = field(default_factory=list)  # every fit, strong to weak, if kept
 
 
 def sklearn_c(l2: float, num_samples: int) -> float:
@@ -154,6 +160,18 @@ def fit_logreg(
     return LogRegModel(weight, bias, l2, num_iterations=int(opt.state[weight]["n_iter"]))
 
 
+def extrapolate(prev: LogRegModel, cur: LogRegModel, l2: float) -> LogRegModel:
+    """Warm start for ``l2``: a secant step along the regularisation path, linear in log(l2).
+
+    The path (W, b)(l2) is smooth in log(l2), so continuing the last step lands much closer to
+    the next optimum than ``cur`` itself. It is only a starting point: the fit is exact either way.
+    """
+    if not math.isfinite(prev.l2):  # cur is the first fit; there is no step to continue yet
+        return cur
+    r = math.log(l2 / cur.l2) / math.log(cur.l2 / prev.l2)
+    return LogRegModel(cur.weight + r * (cur.weight - prev.weight), cur.bias + r * (cur.bias - prev.bias), l2)
+
+
 def correct_count(model: LogRegModel, x: torch.Tensor, y: torch.Tensor) -> int:
     return int((model.scores(x).argmax(dim=1) == y).sum())
 
@@ -168,32 +186,21 @@ def sweep_l2(
     *,
     max_iter: int = 1000,
     tol: float = DEFAULT_TOL,
-    keep_models: bool = False,
 ) -> Sweep:
     """Fit train from strong to weak l2 with warm starts; keep the best val top-1 (ties: stronger l2)."""
-    model = prior_init(y_train, num_classes, x_train.shape[1])
-    best, best_correct = None, -1
+    prev = model = prior_init(y_train, num_classes, x_train.shape[1])
+    best, best_correct = model, -1
     val_top1: dict[float, float] = {}
-    models = []
     iterations = 0
     for l2 in sorted(l2_grid, reverse=True):
-        model = fit_logreg(x_train, y_train, num_classes, l2, init=model, max_iter=max_iter, tol=tol)
+        init = extrapolate(prev, model, l2)
+        prev, model = model, fit_logreg(x_train, y_train, num_classes, l2, init=init, max_iter=max_iter, tol=tol)
         iterations += model.num_iterations
         correct = correct_count(model, x_val, y_val)
         val_top1[l2] = correct / len(y_val)
         if correct > best_correct:  # strict: an equal later (weaker) l2 does not replace it
             best, best_correct = model, correct
-        if keep_models:
-            models.append(model)
-    assert best is not None
-    return Sweep(dict(sorted(val_top1.items())), best, iterations, models)
-
-
-def check_l2_grid(l2_grid: object) -> tuple[float, ...]:
-    grid = tuple(float(v) for v in (DEFAULT_L2_GRID if l2_grid is None else l2_grid))
-    if not grid or not all(np.isfinite(v) and v > 0 for v in grid):
-        raise ConfigError(f"l2_grid must be a non-empty sequence of positive finite floats, got {l2_grid!r}")
-    return tuple(sorted(set(grid)))
+    return Sweep(dict(sorted(val_top1.items())), best, iterations)
 
 
 def linear_probe(
@@ -222,7 +229,7 @@ def linear_probe(
     check_splits(train, val, test)
     require_classes(train)
     num_classes = resolve_num_classes(num_classes, [train, val], [test])
-    grid = check_l2_grid(l2_grid)
+    grid = check_l2_grid(l2_grid, DEFAULT_L2_GRID)
 
     mean = preprocess_features(train.x, normalize).mean(axis=0)  # (D,)
 

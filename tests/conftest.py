@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny fast configs, one Prefect test harness per session, a local S3 server."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest
+
+from vitdistill.config import load_config
+
+FAST_TEACHER = ["teacher.name=test_vit", "teacher.pretrained=false", "teacher.batch_size=16"]
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """``make_cfg("data.limit=50", ...)``: a config in tmp_path with a tiny random teacher."""
+
+    def make(*sets: str, fast_teacher: bool = True):
+        base = [f"cache.root={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+        return load_config(None, base + (FAST_TEACHER if fast_teacher else []) + list(sets))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect API for the whole session (~13 s to start), shared by every flow test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (as s3fs's own test-suite does); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point s3fs at the local server through the environment, as a user would."""
+    import fsspec
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = fsspec.filesystem("s3")
+    bucket = f"vd-{os.urandom(4).hex()}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+    s3fs.S3FileSystem.clear_instance_cache()
