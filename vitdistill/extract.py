@@ -140,17 +140,18 @@ def load_record(plan: ExtractionPlan, index: int) -> dict | None:
 @dataclass
 class _Batch:
     keys: list[str]
-    pixels: torch.Tensor  # (B, 3, H, W)
+    pixels: torch.Tensor  # (B, H, W, 3) uint8
     extras: list[dict[str, bytes]]  # cls / txt / json per sample, passed through
 
 
-def _decode(key: str, fields: dict[str, bytes], transform, shard: str) -> torch.Tensor:
+def _decode(key: str, fields: dict[str, bytes], pil_transform, shard: str) -> np.ndarray:
+    """Encoded image -> (H, W, 3) uint8 at the teacher's input size."""
     field = next((f for f in IMAGE_FIELDS if f in fields), None)
     if field is None:
         raise DataError(f"{shard}: sample {key!r} has no image (expected one of {', '.join(IMAGE_FIELDS)})")
     try:
         with Image.open(io.BytesIO(fields[field])) as img:
-            return transform(img.convert("RGB"))
+            return np.asarray(pil_transform(img.convert("RGB")), dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise DataError(f"{shard}: sample {key!r}: cannot decode {field} image ({type(e).__name__}: {e})") from None
 
@@ -159,7 +160,7 @@ def _batches(
     shard: str, transform, batch_size: int, on_error: str, skipped: list[dict]
 ) -> Iterator[_Batch]:
     keys: list[str] = []
-    pixels: list[torch.Tensor] = []
+    pixels: list[np.ndarray] = []
     extras: list[dict[str, bytes]] = []
     last_key = None
     try:
@@ -177,7 +178,7 @@ def _batches(
                 pixels.append(x)
                 extras.append({k: v for k, v in fields.items() if k in ("cls", "txt", "json")})
                 if len(keys) == batch_size:
-                    yield _Batch(keys, torch.stack(pixels), extras)
+                    yield _Batch(keys, torch.from_numpy(np.stack(pixels)), extras)
                     keys, pixels, extras = [], [], []
     except FileNotFoundError:
         raise DataError(f"{shard}: input shard not found") from None
@@ -186,7 +187,7 @@ def _batches(
             raise
         skipped.append({"shard": shard, "key": last_key, "reason": str(e).split(": ", 1)[-1]})
     if keys:
-        yield _Batch(keys, torch.stack(pixels), extras)
+        yield _Batch(keys, torch.from_numpy(np.stack(pixels)), extras)
 
 
 def _prefetch(it: Iterator[_Batch], depth: int = 2) -> Iterator[_Batch]:
@@ -305,7 +306,7 @@ def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> di
         return {**done, "reused": True}
     shard = plan.inputs[index]
     teacher: Teacher = create_teacher(TeacherConfig.model_validate(plan.teacher_cfg))
-    transform = teacher.transform()
+    transform = teacher.pil_transform()
     batch_size = int(plan.teacher_cfg["batch_size"])
     skipped: list[dict] = []
     writer = _PartWriter(plan, index)
@@ -315,8 +316,11 @@ def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> di
     count = 0
     bar = tqdm(desc=shard.rsplit("/", 1)[-1], unit="img", disable=not progress, leave=False)
     try:
-        for batch in _prefetch(_batches(shard, transform, batch_size, plan.on_error, skipped)):
-            emb, logits = teacher(batch.pixels)  # (B, D), (B, C) | None
+        batches = _batches(shard, transform, batch_size, plan.on_error, skipped)
+        # On GPU, decode the next batch on the CPU while the GPU runs this one. On CPU, decoding
+        # inline is faster: a decode thread would steal a core (and the GIL) from the forward pass.
+        for batch in _prefetch(batches) if teacher.device.type == "cuda" else batches:
+            emb, logits = teacher(teacher.normalize_uint8(batch.pixels))  # (B, D), (B, C) | None
             _check_features(emb, logits, batch.keys, shard)
             emb_np = emb.cpu().numpy()
             logits_np = logits.cpu().numpy() if logits is not None else None

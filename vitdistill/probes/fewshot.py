@@ -3,7 +3,8 @@
 For each ``shots`` value and seed, ``shots`` examples per class are drawn from the train split
 only. A linear map is fitted by ridge regression to one-vs-rest targets (+1 for the true class, -1
 for the others); the bias is left unpenalised by centring features and targets on the sample
-mean. For a sample X (n, D) with centred Xc and centred targets Yc (n, C):
+mean. For a sample X (n, D) with centred Xc and centred targets Yc (n, C), W minimises
+||Xc W - Yc||^2 + l2 ||W||^2, the error summed over the n rows as in big_vision (not averaged):
 
     W(l2) = (Xc^T Xc + l2 I)^-1 Xc^T Yc = Xc^T (Xc Xc^T + l2 I)^-1 Yc,   b = mean(Y) - mean(X) W
 
@@ -13,7 +14,8 @@ R (:class:`RidgeEigen`). The l2 for each ``shots`` is chosen by mean val top-1 o
 to the stronger regularisation); test is scored once, at that l2.
 
 Features are optionally L2-normalised per row (``normalize``) before centring. Unlike big_vision we
-do not standardise each dimension, so the penalty acts on the features' own scale.
+do not standardise each dimension (so the penalty acts on the features' own scale), and the bias
+comes from centring rather than from a large constant feature, so it is exactly unpenalised.
 """
 
 from __future__ import annotations
@@ -143,13 +145,12 @@ def fewshot_probe(
     require_classes(train)
     num_classes = resolve_num_classes(num_classes, [train, val], [test])
     shots = check_positive_ints("shots", shots)
-    seeds = tuple(int(s) for s in seeds)
+    seeds = tuple(dict.fromkeys(int(s) for s in seeds))  # unique, in the given order
     if not seeds:
         raise ConfigError("seeds must name at least one seed")
     grid = check_l2_grid(l2_grid, DEFAULT_RIDGE_GRID)[::-1]  # strong to weak, so argmax ties -> stronger
 
-    prep = l2_normalize if normalize else (lambda x: x)
-    xtr, xva, xte = prep(train.x), prep(val.x), prep(test.x)
+    xtr, xva, xte = (l2_normalize(s.x) if normalize else s.x for s in (train, val, test))
     targets = pm_one_targets(train.y, num_classes)  # (N_train, C)
     orders = {seed: class_orders(train.y, num_classes, seed) for seed in seeds}
 
@@ -167,7 +168,9 @@ def fewshot_probe(
         best = int(np.argmax(val_correct))  # first maximum in strong-to-weak order: ties -> stronger l2
         l2 = grid[best]
         result.chosen_l2[k] = l2
-        result.val_top1_by_l2[k] = {g: c / (len(seeds) * len(val.y)) for g, c in sorted(zip(grid, val_correct))}
+        result.val_top1_by_l2[k] = {
+            g: c / (len(seeds) * len(val.y)) for g, c in sorted(zip(grid, val_correct, strict=True))
+        }
         for seed in seeds:
             pred = fits[seed].scores(fits[seed].project(xte), l2).argmax(axis=1)
             result.top1[(k, seed)] = float(np.mean(pred == test.y))

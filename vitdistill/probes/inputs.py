@@ -45,7 +45,7 @@ def check_split(name: str, x: object, y: object) -> Split:
     x = x.astype(np.float64)
     if not np.isfinite(x).all():
         bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
-        raise DataError(f"{name}: {bad} feature rows contain NaN or inf; expected finite features")
+        raise DataError(f"{name}: {bad} of {x.shape[0]} feature rows contain NaN or inf; expected finite features")
     if y.min() < 0:
         raise DataError(f"{name}: label {int(y.min())} is negative; expected class ids in [0, num_classes)")
     return Split(name, x, y.astype(np.int64))

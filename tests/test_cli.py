@@ -1,0 +1,109 @@
+"""The CLI as a user runs it: subprocesses, exit codes, one-line errors, the embedded pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VITDISTILL = [sys.executable, "-m", "vitdistill_cli.main"]
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "TQDM_DISABLE": "1", "COLUMNS": "200"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def cli(args, env, cwd, timeout=600):
+    return subprocess.run(VITDISTILL + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_stages(cli_env, tmp_path):
+    r = cli(["--help"], cli_env, tmp_path)
+    assert r.returncode == 0
+    for stage in ("run", "extract", "probe", "lit", "distill", "evaluate", "config"):
+        assert stage in r.stdout
+    for sub in (["probe", "--help"], ["config", "show", "--help"], ["list", "--help"], ["data", "ingest", "--help"]):
+        r = cli(sub, cli_env, tmp_path)
+        assert r.returncode == 0 and "--help" in r.stdout
+
+
+def test_misspelt_key_fails_with_one_line(cli_env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  nmae: resnet18\n")
+    r = cli(["config", "validate", "-c", str(bad)], cli_env, tmp_path)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "teacher.nmae" in lines[0] and "Traceback" not in r.stderr
+    r = cli(["run", "-c", str(bad)], cli_env, tmp_path)
+    assert r.returncode != 0 and "teacher.nmae" in r.stderr and "Traceback" not in r.stderr
+    r = cli(["config", "validate", "-c", str(bad), "--debug"], cli_env, tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_config_show_applies_sets(cli_env, tmp_path):
+    r = cli(["config", "show", "-c", str(ROOT / "configs/shapes.yaml"), "--set", "data.num_samples=123", "--flat"],
+            cli_env, tmp_path)
+    assert r.returncode == 0
+    assert "data.source = 'shapes'" in r.stdout and "data.num_samples = 123" in r.stdout
+    r = cli(["config", "validate", "-c", str(ROOT / "configs/digits.yaml")], cli_env, tmp_path)
+    assert r.returncode == 0 and "ok" in r.stdout
+
+
+def test_list_registries(cli_env, tmp_path):
+    r = cli(["list", "teachers"], cli_env, tmp_path)
+    assert r.returncode == 0 and "effnet_lite0_imagenet" in r.stdout and "timm" in r.stdout
+    r = cli(["list", "datasets"], cli_env, tmp_path)
+    assert all(n in r.stdout for n in ("digits", "shapes", "folder", "wds"))
+
+
+def test_bad_input_during_a_run_is_one_line(cli_env, tmp_path):
+    r = cli(["extract", "--set", "data.source=folder", "--set", f"data.path={tmp_path}/nope"], cli_env, tmp_path)
+    assert r.returncode == 2
+    assert "error: data.path" in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.slow
+def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env, tmp_path):
+    out = tmp_path / "result.json"
+    r = cli(["run", "-c", str(ROOT / "configs/runlocal.yaml"), "--json", str(out)], cli_env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    status = {s["stage"]: s["status"] for s in result["stages"]}
+    assert status["extract"] == "ok"
+    assert status["lit"] == status["distill"] == status["evaluate"] == "not built"
+    assert "vitdistill pipeline" in r.stdout and "mlflow ui" in r.stdout  # the summary table
+    assert (tmp_path / "mlflow.db").exists() and result["tracking_uri"] == "sqlite:///mlflow.db"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["prefect.flow_name"] == "vitdistill-pipeline"
+    assert parent.data.params["data.source"] == "digits" and parent.data.params["teacher.name"] == "test_vit"
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = {c.info.run_name: c for c in children}
+    assert {"extract"} <= set(names)
+    for child in children:
+        assert child.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
+        assert child.info.status == "FINISHED"
+    ext = names["extract"]
+    assert ext.data.metrics["samples"] == 200 and ext.data.params["teacher"] == "test_vit"
+    assert "manifest.json" in [a.path for a in client.list_artifacts(ext.info.run_id)]
+
+    # a stage alone reuses the finished cache
+    r2 = cli(["extract", "-c", str(ROOT / "configs/runlocal.yaml"), "--json", str(out)], cli_env, tmp_path)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    again = json.loads(out.read_text())["stages"][0]
+    assert again["metrics"]["shards_reused"] == again["metrics"]["shards"] and "reused" in again["headline"]

@@ -1,0 +1,52 @@
+"""Flows in-process under one shared Prefect test harness."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.pipeline import extract_flow, pipeline_flow
+from vitdistill.stages import stages_to_run
+
+
+def test_stage_dependencies():
+    assert stages_to_run("probe") == ["extract", "probe"]
+    assert stages_to_run("pipeline") == ["extract", "probe", "lit", "distill", "evaluate"]
+    with pytest.raises(ValueError, match="valid stages"):
+        stages_to_run("nope")
+
+
+def test_extract_flow_maps_shards_and_tags_runs(prefect_harness, make_cfg, tmp_path):
+    cfg = make_cfg("data.limit=60", "data.shard_samples=20", "orchestration.max_workers=2")
+    result = extract_flow(cfg)
+    stage = result["stages"][0]
+    assert stage["status"] == "ok" and stage["metrics"]["shards"] == 3 and stage["metrics"]["samples"] == 60
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
+    child = client.get_run(stage["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == result["mlflow_run_id"]
+    assert child.data.tags["prefect.flow_name"] == "vitdistill-extract"
+    assert child.data.metrics["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_extract_flow_on_a_local_dask_cluster(prefect_harness, make_cfg):
+    cfg = make_cfg("data.limit=60", "data.shard_samples=20", "orchestration.task_runner=dask",
+                   "orchestration.dask_workers=2")
+    result = extract_flow(cfg)
+    assert result["stages"][0]["metrics"]["samples"] == 60
+
+
+def test_failed_stage_marks_runs_failed(prefect_harness, make_cfg, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from vitdistill.errors import DataError
+
+    cfg = make_cfg("data.source=wds", f"data.path={tmp_path}/missing.tar")
+    with pytest.raises(DataError, match="missing.tar"):
+        pipeline_flow(cfg)
+    client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
+    exp = client.get_experiment_by_name("vitdistill")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
