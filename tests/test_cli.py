@@ -94,13 +94,16 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {c.info.run_name: c for c in children}
-    assert {"extract"} <= set(names)
+    assert set(names) == {"extract", "probe"}  # stages not built yet open no run
     for child in children:
         assert child.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
         assert child.info.status == "FINISHED"
     ext = names["extract"]
     assert ext.data.metrics["samples"] == 200 and ext.data.params["teacher"] == "test_vit"
     assert "manifest.json" in [a.path for a in client.list_artifacts(ext.info.run_id)]
+    probe = names["probe"]
+    assert 0.0 <= probe.data.metrics["linear_top1"] <= 1.0 and "knn10_top1" in probe.data.metrics
+    assert {"confusion.png", "per_class.json", "linear_sweep.json"} <= {a.path for a in client.list_artifacts(probe.info.run_id)}
 
     # a stage alone reuses the finished cache
     r2 = cli(["extract", "-c", str(ROOT / "configs/runlocal.yaml"), "--json", str(out)], cli_env, tmp_path)

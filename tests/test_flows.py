@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import extract_flow, pipeline_flow
+from flows.pipeline import extract_flow, pipeline_flow, probe_flow
 from vitdistill.stages import stages_to_run
 
 
@@ -50,3 +50,19 @@ def test_failed_stage_marks_runs_failed(prefect_harness, make_cfg, tmp_path):
     exp = client.get_experiment_by_name("vitdistill")
     runs = client.search_runs([exp.experiment_id])
     assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
+def test_probe_flow_creates_prefect_table_artifacts(prefect_harness, make_cfg):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg = make_cfg("data.limit=120", "probe.fewshot_shots=[1]", "probe.fewshot_seeds=[0]", "probe.knn_k=[5]")
+    result = probe_flow(cfg)
+    assert [s["stage"] for s in result["stages"]] == ["extract", "probe"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["probe-per-class", "probe-linear-sweep", "extract-shards"])))
+    keys = {a.key for a in arts}
+    assert {"probe-per-class", "probe-linear-sweep", "extract-shards"} <= keys
+    per_class = next(a for a in arts if a.key == "probe-per-class")
+    assert per_class.type == "table" and "recall" in str(per_class.data)

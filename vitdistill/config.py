@@ -89,8 +89,37 @@ class ProbeConfig(Section):
 
 
 class LitConfig(Section):
+    """LiT: the image tower is locked (embeddings are read from the feature cache); a text tower and
+    projection heads are trained contrastively. Defaults train in seconds on a laptop CPU: the
+    pretrained text tower is frozen, so its features are computed once per distinct text."""
+
     enabled: bool = True
-    text_tower: str = Field("minilm", description="text-tower registry entry")
+    text_tower: str = Field("minilm", description="text-tower registry entry (see vitdistill.lit.list_text_towers)")
+    freeze_text: bool = Field(
+        True, description="keep a pretrained text tower frozen and train only its head (fast); false fine-tunes it"
+    )
+    loss: Literal["softmax", "sigmoid"] = Field("softmax", description="CLIP softmax or SigLIP sigmoid contrastive loss")
+    embed_dim: int = Field(128, ge=2, description="joint image-text space; both heads project into it")
+    text_head: Literal["linear", "mlp"] = Field("mlp", description="head on the pooled text features")
+    image_head: Literal["linear", "identity"] = Field(
+        "linear", description="head on the locked image embedding; identity makes the joint space the image space"
+    )
+    epochs: int = Field(20, ge=1, description="passes over the training split")
+    batch_size: int = Field(256, ge=2, description="images per contrastive batch (the negatives of each other)")
+    lr: float = Field(2e-3, gt=0.0, description="AdamW learning rate of heads, temperature and a scratch tower")
+    text_lr: float = Field(3e-5, gt=0.0, description="learning rate of a pretrained text tower being fine-tuned")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of weight matrices")
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up share of steps, then cosine")
+    init_temperature: float = Field(10.0, gt=0.0, description="initial logit scale t, 10 as in LiT and SigLIP")
+    init_bias: float = Field(-10.0, description="initial logit bias of the sigmoid loss, -10 as in SigLIP")
+    max_text_length: int = Field(32, ge=4, description="tokens kept per text")
+    scratch_width: int = Field(128, ge=8, description="width of the scratch text transformer")
+    scratch_layers: int = Field(2, ge=1, description="layers of the scratch text transformer")
+    scratch_heads: int = Field(4, ge=1, description="attention heads of the scratch text transformer")
+    holdout_combos: bool = Field(
+        True, description="on shapes, drop the HELDOUT_COMBOS (colour, shape) pairs from training; test them apart"
+    )
+    seed: int = Field(0, description="seeds head init, shuffling and caption draws")
 
 
 class StudentConfig(Section):

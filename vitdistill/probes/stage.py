@@ -42,7 +42,8 @@ def _split(fc: FeatureCache, name: str) -> tuple[np.ndarray, np.ndarray]:
 def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     fc = FeatureCache.open(cache_dir)
     (xtr, ytr), (xva, yva), (xte, yte) = (_split(fc, s) for s in ("train", "val", "test"))
-    classes = fc.classes or [str(c) for c in range(int(max(ytr.max(), yva.max(), yte.max())) + 1)]
+    # without class names in the manifest, the class count comes from train and val only (never test)
+    classes = fc.classes or [str(c) for c in range(int(max(ytr.max(), yva.max())) + 1)]
     grid = tuple(cfg.l2_grid) if cfg.l2_grid else None
 
     lin = linear_probe(xtr, ytr, xva, yva, xte, yte, l2_grid=grid, normalize=cfg.normalize, num_classes=len(classes))
