@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 from prefect import flow, unmapped
 
 from tasks import extract as extract_tasks
-from tasks.tracking import close_run, open_run
+from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import OrchestrationConfig, VitdistillConfig
 from vitdistill.stages import NOT_BUILT, StageResult, stages_to_run
 from vitdistill.tracking import get_tracker
@@ -67,7 +67,9 @@ def probe_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult
     if not config.probe.enabled:
         return StageResult("probe", "disabled", message="probe.enabled is false")
     with stage_run(config, "probe", parent) as run_id:
-        result = probe_tasks.probe(config, run_id, ctx["cache_dir"])
+        content = probe_tasks.cache_content(ctx["cache_dir"])
+        report = probe_tasks.compute(config.probe, ctx["cache_dir"], content)
+        result = probe_tasks.log(config, run_id, ctx["cache_dir"], report)
     return StageResult(**result)
 
 
@@ -92,10 +94,10 @@ def run_stages(config: VitdistillConfig, target: str) -> dict:
     tracker = get_tracker(config.tracking)
     results: list[StageResult] = []
     ctx: dict = {}
-    with stage_run(config, target, None) as parent:
+    with stage_run(config, f"vitdistill-{target}", None) as parent:
         for stage in stages_to_run(target):
             results.append(STAGE_FUNCTIONS[stage](config, parent, ctx))
-    return {
+    result = {
         "target": target,
         "mlflow_run_id": parent,
         "mlflow_experiment_id": tracker.experiment_id,
@@ -104,3 +106,5 @@ def run_stages(config: VitdistillConfig, target: str) -> dict:
         "mlflow_ui": tracker.ui_command(),
         "stages": [r.to_dict() for r in results],
     }
+    publish_summary(result)
+    return result

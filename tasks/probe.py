@@ -1,28 +1,44 @@
-"""The probe stage as a Prefect task: probes on the cache, logged to MLflow, tables as artifacts."""
+"""The probe stage as Prefect tasks: a cached computation, then logging and artifacts."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from prefect import task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from tasks._common import artifact_key
-from vitdistill.config import VitdistillConfig
-from vitdistill.probes.stage import probe_cache
+from vitdistill.cache.reader import FeatureCache
+from vitdistill.config import ProbeConfig, VitdistillConfig
+from vitdistill.probes.stage import ProbeReport, probe_cache
 from vitdistill.stages import StageResult
 from vitdistill.tracking import get_tracker
 
 
-@task(name="probe", cache_policy=NO_CACHE)
-def probe(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
-    """Linear (regularisation sweep), few-shot and kNN probes on frozen features."""
-    report = probe_cache(cache_dir, config.probe)
+@task(name="cache-content", cache_policy=NO_CACHE)
+def cache_content(cache_dir: str) -> str:
+    return FeatureCache.open(cache_dir).content_sha256()
+
+
+@task(name="compute-probes", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json",
+      cache_expiration=timedelta(days=30))
+def compute(probe: ProbeConfig, cache_dir: str, content_sha256: str) -> dict:
+    """Linear (regularisation sweep), few-shot and kNN probes. Cached across runs on the probe config
+    and the cache's content (``content_sha256``), never on run ids: the same features and settings
+    are probed once."""
+    return probe_cache(cache_dir, probe).to_dict()
+
+
+@task(name="log-probes", cache_policy=NO_CACHE)
+def log(config: VitdistillConfig, run_id: str, cache_dir: str, report: dict) -> dict:
+    r = ProbeReport(**report)
     tracker = get_tracker(config.tracking)
-    tracker.log_params(run_id, {"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}})
-    tracker.log_metrics(run_id, report.metrics)
-    for name, fig in report.figures.items():
+    tracker.log_params(run_id, {"cache_dir": cache_dir, **{f"split_{k}": v for k, v in r.split_sizes.items()}})
+    tracker.log_metrics(run_id, r.metrics)
+    for name, fig in r.figures().items():
         tracker.log_figure(run_id, fig, name)
-    for name, rows in report.tables.items():
+    for name, rows in r.tables.items():
         tracker.log_dict(run_id, rows, f"{name}.json")
         create_table_artifact(table=rows, key=artifact_key("probe", name), description=f"probe: {name}")
-    return StageResult("probe", "ok", report.headline, report.metrics, {"cache_dir": cache_dir}, run_id).to_dict()
+    return StageResult("probe", "ok", r.headline, r.metrics, {"cache_dir": cache_dir}, run_id).to_dict()

@@ -26,3 +26,19 @@ def open_run(config: VitdistillConfig, name: str, parent_run_id: str | None = No
       retry_condition_fn=retry_on_io_only)
 def close_run(config: VitdistillConfig, run_id: str, status: str = "FINISHED") -> None:
     get_tracker(config.tracking).end_run(run_id, status)
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(result: dict) -> None:
+    """A markdown artifact with each stage's headline, and a link artifact to the MLflow run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    lines = [f"# vitdistill {result['target']}", "", "| stage | status | headline | MLflow run |", "|---|---|---|---|"]
+    for s in result["stages"]:
+        lines.append(f"| {s['stage']} | {s['status']} | {s['headline'] or s['message']} | {s['run_id'] or '-'} |")
+    lines += ["", f"MLflow parent run `{result['mlflow_run_id']}` in experiment {result['mlflow_experiment_id']} "
+                  f"at `{result['tracking_uri']}`.", "", f"Open the MLflow UI: `{result['mlflow_ui']}`"]
+    create_markdown_artifact("\n".join(lines), key="vitdistill-summary", description="stage headlines")
+    if result.get("mlflow_run_url"):
+        create_link_artifact(result["mlflow_run_url"], link_text="MLflow parent run", key="mlflow-run",
+                             description="this flow run in the MLflow UI")

@@ -66,3 +66,28 @@ def test_probe_flow_creates_prefect_table_artifacts(prefect_harness, make_cfg):
     assert {"probe-per-class", "probe-linear-sweep", "extract-shards"} <= keys
     per_class = next(a for a in arts if a.key == "probe-per-class")
     assert per_class.type == "table" and "recall" in str(per_class.data)
+
+
+def test_probe_results_are_cached_across_runs_on_inputs(prefect_harness, make_cfg):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    cfg = make_cfg("data.limit=100", "probe.fewshot_shots=[1]", "probe.fewshot_seeds=[0]", "probe.knn_k=[3]")
+    first = probe_flow(cfg, return_state=True)
+    second = probe_flow(cfg, return_state=True)
+    other = probe_flow(make_cfg("data.limit=100", "probe.fewshot_shots=[1]", "probe.fewshot_seeds=[0]",
+                                "probe.knn_k=[4]"), return_state=True)
+
+    def compute_state(flow_state):
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="compute-probes")))
+            # the probe task runs inside the flow run itself (no subflow), so exactly one per run
+            assert len(runs) == 1
+            return runs[0].state.name
+
+    assert compute_state(first) == "Completed"
+    assert compute_state(second) == "Cached"
+    assert compute_state(other) == "Completed"  # another probe config is another key
+    assert first.result()["stages"][1]["metrics"] == second.result()["stages"][1]["metrics"]

@@ -34,7 +34,10 @@ def test_real_teacher_features_probe_well_on_digits(make_cfg):
     assert {r["class"] for r in report.tables["per_class"]} == {str(i) for i in range(10)}
     assert sum(r["chosen"] for r in report.tables["linear_sweep"]) == 1
     assert len(report.tables["linear_sweep"]) >= 8
-    assert report.figures["confusion.png"].axes
+    assert report.figures()["confusion.png"].axes
+    import json
+
+    json.dumps(report.to_dict())  # results persist as JSON (Prefect cache), never pickle
 
 
 def test_cache_without_labels_is_a_clear_error(make_cfg, tmp_path):

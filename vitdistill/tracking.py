@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 from vitdistill.config import TrackingConfig, VitdistillConfig, flatten, to_yaml
+from vitdistill.errors import ConfigError
 
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LEN = 6000
@@ -27,6 +28,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = cfg.resolved_uri()
+        if self.uri.startswith(("http://", "https://")):
+            check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp = self.client.get_experiment_by_name(cfg.experiment)
         if exp is None:
@@ -108,6 +111,24 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             return f"open {self.uri}"
         return f"mlflow ui --backend-store-uri {self.uri} --port 5000"
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with one line, instead of MLflow's minutes of retries, when the server is down."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            reason = f"HTTP {r.status}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise ConfigError(
+        f"cannot reach the MLflow tracking server at {uri} ({reason}); start one with `vitdistill up` or "
+        "`mlflow server`, or unset MLFLOW_TRACKING_URI / tracking.uri to use sqlite:///mlflow.db"
+    )
 
 
 def _param_str(v: Any) -> str:

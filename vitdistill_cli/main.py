@@ -134,9 +134,27 @@ def _summary(result: dict) -> None:
     out.print("  Prefect UI: [cyan]prefect server start[/]  -> http://127.0.0.1:4200 (shows ephemeral runs too)")
 
 
+def check_prefect_api(required: bool = False) -> str | None:
+    """One line telling what to start or set when the Prefect API is missing or unreachable."""
+    from vitdistill.errors import ConfigError
+    from vitdistill_cli.stack import http_ok
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        if required:
+            raise ConfigError("PREFECT_API_URL is not set; start a server with `vitdistill up` and "
+                              "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        return None
+    if not http_ok(f"{api.rstrip('/')}/health", timeout=5):
+        raise ConfigError(f"cannot reach the Prefect API at PREFECT_API_URL={api}; start it with `vitdistill up` or "
+                          "`prefect server start`, or unset PREFECT_API_URL to run on an ephemeral API")
+    return api
+
+
 def _run_target(target: str, config: Path | None, sets: list[str] | None, json_path: Path | None, debug: bool) -> None:
     def body() -> dict:
         cfg = _load(config, sets)
+        check_prefect_api()
         if not debug:
             logging.getLogger("prefect").setLevel(logging.INFO)
         from flows.pipeline import FLOWS
@@ -174,6 +192,78 @@ _stage_command("lit", "LiT: align a text tower to the locked image features; zer
 _stage_command("distill", "Distil the teacher into a small student, online or from cached teacher outputs.")
 _stage_command("evaluate", "Shape bias, robustness, calibration and subgroup-gap evaluations.")
 
+
+
+# --------------------------------------------------------------------------- servers and deployments
+
+
+@app.command("up")
+def up_cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False) -> None:
+    """Start a local Prefect server, a process worker and an MLflow server on 127.0.0.1."""
+    from vitdistill_cli import stack
+
+    info = _guard(debug, lambda: stack.up(_load(config, set_)))
+    _write_json(json_path, info)
+    out.print(f"Prefect UI   {info['prefect_url']}")
+    out.print(f"MLflow UI    {info['mlflow_url']}")
+    out.print(f"worker       pool {info['work_pool']!r} (logs in {Path(info['processes'][-1]['log']).parent})")
+    out.print("use them:    [cyan]export PREFECT_API_URL=" + info["prefect_api_url"]
+              + " MLFLOW_TRACKING_URI=" + info["mlflow_url"] + "[/]")
+    out.print("then:        vitdistill deploy && vitdistill submit pipeline --wait   (stop: vitdistill down)")
+
+
+@app.command("down")
+def down_cmd(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Stop exactly the processes `vitdistill up` started from this directory."""
+    from vitdistill_cli import stack
+
+    stopped = _guard(debug, lambda: stack.down(_load(config, set_)))
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command("deploy")
+def deploy_cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False,
+               activate_schedules: Annotated[bool, typer.Option("--activate-schedules", help="Turn the example cron schedules on (created paused otherwise).")] = False) -> None:
+    """Create or update one deployment per flow on the server in PREFECT_API_URL."""
+
+    def body() -> list[dict]:
+        cfg = _load(config, set_)
+        check_prefect_api(required=True)
+        from deploy.deployments import deploy_all
+
+        return deploy_all(cfg, activate_schedules)
+
+    rows = _guard(debug, body)
+    _write_json(json_path, rows)
+    table = Table(title="vitdistill deployments")
+    for col in ("deployment", "work_pool", "cron", "schedule_active"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["deployment"], r["work_pool"], r["cron"], str(r["schedule_active"]))
+    out.print(table)
+
+
+@app.command("submit")
+def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline | extract | probe | lit | distill")],
+               config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False,
+               wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
+               timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800) -> None:
+    """Start a run of a stage's deployment on the server (a worker executes it)."""
+
+    def body() -> dict:
+        cfg = _load(config, set_)
+        check_prefect_api(required=True)
+        from deploy.deployments import submit
+
+        return submit(stage, cfg, timeout if wait else None)
+
+    result = _guard(debug, body)
+    _write_json(json_path, result)
+    out.print(f"{result['deployment']}: flow run {result['flow_run_name']} ({result['flow_run_id']}) {result['state']}")
+    if wait and result["state"] != "COMPLETED":
+        err.print(f"[bold red]error:[/] flow run {result['flow_run_id']} ended {result['state']}; is a worker "
+                  f"running on the pool (`vitdistill up`, or `prefect worker start --pool ...`)?")
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- config

@@ -51,6 +51,15 @@ class FeatureCache:
     def num_samples(self) -> int:
         return int(self.manifest["num_samples"])
 
+    def content_sha256(self) -> str:
+        """Identifies the cached features (teacher, preprocessing, every shard's checksum), not when or
+        how often the manifest was written: a key for results computed from this cache."""
+        import hashlib
+
+        m = self.manifest
+        blob = json.dumps([m["teacher"], m["preprocessing"], m["dtype"], [s["sha256"] for s in m["shards"]]], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def shard_urls(self) -> list[str]:
         return [fs.join(self.cache_dir, s["name"]) for s in self.manifest["shards"]]
 

@@ -11,6 +11,11 @@ its class name in every prompt template, and training draws one per epoch. Val p
 with option ``i % K`` (fixed, so val loss is comparable across epochs); test pairs it with the
 first template, so test retrieval on generated captions is class-level matching against C texts.
 
+Which pairs are positives is decided by ``text_groups``: each distinct text is its own group
+when captions come from the cache (so identical captions match each other), and all prompts of a
+class form one group when captions are generated (so "a handwritten digit 3." is a positive, not
+a negative, for an image paired with "a photo of the digit 3.").
+
 On ``shapes`` caches (meta with colour and shape), samples whose (colour, shape) is in
 :data:`~vitdistill.data.shapes.HELDOUT_COMBOS` are removed from train and val, and flagged in test
 so that zero-shot accuracy on never-seen pairings is reported on its own.
@@ -84,6 +89,7 @@ class LitSplit:
 @dataclass
 class LitData:
     texts: list[str]  # every distinct text: captions and prompts
+    text_groups: np.ndarray  # (U,) int64: texts in one group are interchangeable captions
     train: LitSplit
     val: LitSplit
     test: LitSplit
@@ -185,6 +191,11 @@ def load_lit_data(cache_dir: str, holdout_combos: bool = True) -> LitData:
                                 heldout=held, meta=d["meta"])
     if len(splits["train"]) < 2:
         raise DataError(f"{cache_dir}: {len(splits['train'])} training sample(s) after the hold-out; LiT needs at least 2")
-    return LitData(texts=vocab.texts, train=splits["train"], val=splits["val"], test=splits["test"],
+    if has_txt:
+        groups = np.arange(len(vocab.texts), dtype=np.int64)  # (U,) every distinct caption is its own group
+    else:
+        groups = np.empty(len(vocab.texts), dtype=np.int64)
+        groups[prompt_ids] = np.arange(len(prompt_ids))[:, None]  # (U,) a prompt's group is its class
+    return LitData(texts=vocab.texts, text_groups=groups, train=splits["train"], val=splits["val"], test=splits["test"],
                    classes=classes if has_cls else None, templates=templates, prompt_ids=prompt_ids,
                    source=source, captions_generated=not has_txt, removed_heldout=removed)

@@ -9,7 +9,7 @@ val; test is read once per probe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,22 @@ from vitdistill.probes.plots import confusion_figure, per_class_table
 
 @dataclass
 class ProbeReport:
+    """Everything the probes found; JSON-serialisable (``to_dict``), figures drawn on demand."""
+
     metrics: dict[str, float]
     tables: dict[str, list[dict[str, Any]]]
-    figures: dict[str, Any] = field(default_factory=dict)  # artifact name -> matplotlib Figure
+    confusion: list[list[int]]  # (C, C) linear-probe test counts, row = true class
+    classes: list[str]
     split_sizes: dict[str, int] = field(default_factory=dict)
     headline: str = ""
+
+    def figures(self) -> dict[str, Any]:
+        """Artifact name -> matplotlib Figure."""
+        top1 = self.metrics["linear_top1"]
+        return {"confusion.png": confusion_figure(np.asarray(self.confusion), self.classes, f"linear probe, test top-1 {top1:.3f}")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _split(fc: FeatureCache, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -62,9 +73,9 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
         "fewshot": [{"shots": s, "mean_top1": round(few.mean_top1[s], 4), "std_top1": round(few.std_top1[s], 4),
                      "chosen_l2": few.chosen_l2[s], "seeds": len(cfg.fewshot_seeds)} for s in sorted(few.mean_top1)],
     }
-    figures = {"confusion.png": confusion_figure(lin.confusion, classes, f"linear probe, test top-1 {lin.top1:.3f}")}
     sizes = {"train": len(ytr), "val": len(yva), "test": len(yte)}
     most_shots, first_k = max(few.mean_top1), cfg.knn_k[0]
     headline = (f"linear top-1 {lin.top1:.3f}, {most_shots}-shot {few.mean_top1[most_shots]:.3f}, "
                 f"kNN@{first_k} {knn.top1[first_k]:.3f}")
-    return ProbeReport(metrics=metrics, tables=tables, figures=figures, split_sizes=sizes, headline=headline)
+    return ProbeReport(metrics=metrics, tables=tables, confusion=lin.confusion.tolist(), classes=list(classes),
+                       split_sizes=sizes, headline=headline)

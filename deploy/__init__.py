@@ -1,0 +1,1 @@
+"""Deployment definitions for the vitdistill flows (see ``deploy/deployments.py``)."""

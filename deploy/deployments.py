@@ -1,0 +1,102 @@
+"""One Prefect deployment per flow, on a process work pool, each with an example cron schedule.
+
+Apply them to the server named by ``PREFECT_API_URL`` (``vitdistill up`` starts one locally):
+
+    vitdistill deploy -c configs/shapes.yaml            # schedules created paused
+    vitdistill deploy --activate-schedules
+    vitdistill submit probe --set probe.knn_k=[5] --wait   # a run of the 'probe' deployment
+
+The deployments' default parameter is the resolved config (the same tree as the CLI), so the
+Prefect UI shows it as a form; the flows' code is read from this checkout by the process worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitdistill.config import VitdistillConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    stage: str
+    entrypoint: str
+    cron: str  # an example schedule; created paused unless activated
+    description: str
+
+    @property
+    def flow_name(self) -> str:
+        return f"vitdistill-{self.stage}"
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.flow_name}/{self.stage}"
+
+
+DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
+    DeploymentSpec("pipeline", "flows/pipeline.py:pipeline_flow", "0 2 * * *", "whole pipeline, nightly at 02:00"),
+    DeploymentSpec("extract", "flows/pipeline.py:extract_flow", "0 1 * * *", "refresh the feature cache, nightly at 01:00"),
+    DeploymentSpec("probe", "flows/pipeline.py:probe_flow", "30 2 * * *", "probes, nightly at 02:30"),
+    DeploymentSpec("lit", "flows/pipeline.py:lit_flow", "0 3 * * 0", "LiT, Sundays at 03:00"),
+    DeploymentSpec("distill", "flows/pipeline.py:distill_flow", "0 4 * * 6", "distillation, Saturdays at 04:00"),
+)
+
+
+def ensure_work_pool(name: str) -> bool:
+    """Create the process work pool if missing; True when it was created."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template())
+            )
+            return True
+
+
+def deploy_all(config: VitdistillConfig, activate_schedules: bool = False) -> list[dict]:
+    """Create or update every deployment; returns one row per deployment."""
+    from prefect import flow
+
+    pool = config.orchestration.work_pool
+    ensure_work_pool(pool)
+    rows = []
+    for spec in DEPLOYMENTS:
+        loaded = flow.from_source(source=str(REPO_ROOT), entrypoint=spec.entrypoint)
+        deployment_id = loaded.deploy(
+            name=spec.stage,
+            work_pool_name=pool,
+            cron=spec.cron,
+            paused=not activate_schedules,
+            parameters={"config": config.model_dump(mode="json")},
+            description=spec.description,
+            tags=["vitdistill"],
+            build=False,
+            push=False,
+            print_next_steps=False,
+        )
+        rows.append({"deployment": spec.full_name, "id": str(deployment_id), "work_pool": pool, "cron": spec.cron,
+                     "schedule_active": activate_schedules})
+    return rows
+
+
+def submit(stage: str, config: VitdistillConfig, wait_seconds: float | None) -> dict:
+    """Start a run of a stage's deployment; with ``wait_seconds`` wait for it to finish."""
+    from prefect.deployments import run_deployment
+
+    spec = next((d for d in DEPLOYMENTS if d.stage == stage), None)
+    if spec is None:
+        raise ValueError(f"no deployment for stage {stage!r}; deployed stages: {', '.join(d.stage for d in DEPLOYMENTS)}")
+    run = run_deployment(spec.full_name, parameters={"config": config.model_dump(mode="json")},
+                         timeout=wait_seconds if wait_seconds is not None else 0, as_subflow=False, poll_interval=2)
+    return {"deployment": spec.full_name, "flow_run_id": str(run.id), "flow_run_name": run.name,
+            "state": run.state.type.value if run.state else None}

@@ -1,0 +1,211 @@
+"""Students: a registry of small ViT-22B-style ViTs plus any timm model, wrapped with distillation heads.
+
+    student = create_student(StudentConfig(name="vit22b_tiny"), num_classes=10, teacher_dim=1280,
+                             teacher_classes=1000)
+    out = student(x)   # {"emb": (B, D), "logits": (B, 10), "kd_logits": (B, 1000), "feat": (B, 1280)}
+
+The ViT-22B recipe (Dehghani et al. 2023) at toy scale, built from timm parts: the attention and
+the MLP of a block run in parallel on one shared pre-norm (``y = x + attn(norm(x)) + mlp(norm(x))``),
+queries and keys are LayerNorm-ed per head (timm's ``qk_norm``), and neither the QKV projection nor
+any LayerNorm has a bias.
+
+The wrapper owns the heads, so a backbone never needs to know about the teacher:
+
+- ``head``: task logits on the student's pooled embedding, trained on ground-truth labels;
+- ``kd_head``: logits in the teacher's label space, trained on the teacher's logits. When the
+  label spaces agree (same class count) and there is no distillation token, ``head`` plays both
+  roles, as in classic KD;
+- ``proj``: a linear map from the student's embedding to the teacher's, for feature distillation;
+- with ``dist_token`` (DeiT), ``kd_head`` reads a second, distillation token; at eval time, in a
+  shared label space, the task logits are the mean of both heads.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from timm.layers import Attention, DropPath, Mlp
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from vitdistill.config import StudentConfig
+from vitdistill.errors import ConfigError, RegistryError
+from vitdistill.registry import Registry
+
+# One LayerNorm everywhere (blocks, qk-norm, final norm): no bias, as in ViT-22B.
+BiaslessLayerNorm = partial(nn.LayerNorm, eps=1e-6, bias=False)
+
+
+class ParallelBlock(nn.Module):
+    """ViT-22B block: ``x + attn(norm(x)) + mlp(norm(x))`` with one shared pre-norm.
+
+    Its arguments mirror timm's ``Block`` so that ``VisionTransformer(block_fn=ParallelBlock)``
+    builds it; layer scale is not part of the recipe and is refused.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = True,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = BiaslessLayerNorm,
+        mlp_layer: type[nn.Module] = Mlp,
+        attn_layer: Any = None,
+        depth: int = 0,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        if init_values or scale_attn_norm or scale_mlp_norm:
+            raise ConfigError("ParallelBlock: layer scale and scale norms are not part of the ViT-22B block")
+        dd = {"device": device, "dtype": dtype}
+        self.norm = norm_layer(dim, **dd)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
+                              attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
+        self.mlp = mlp_layer(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer,
+                             bias=proj_bias, drop=proj_drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        y = self.norm(x)  # (B, T, D), shared by both branches
+        return x + self.drop_path(self.attn(y, attn_mask=attn_mask, is_causal=is_causal) + self.mlp(y))
+
+
+def vit22b(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, *,
+           dist_token: bool = False, drop_path: float = 0.0) -> VisionTransformer:
+    """A ViT-22B-style backbone without a classifier (``num_classes=0``): forward gives (B, D)."""
+    cls = VisionTransformerDistilled if dist_token else VisionTransformer
+    return cls(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+               mlp_ratio=4.0, qkv_bias=False, qk_norm=True, num_classes=0, global_pool="token",
+               norm_layer=BiaslessLayerNorm, block_fn=ParallelBlock, drop_path_rate=drop_path)
+
+
+STUDENTS: Registry[nn.Module] = Registry("student")
+
+
+@STUDENTS.register("vit22b_tiny")
+def vit22b_tiny(img_size: int | None = None, **kw: Any) -> VisionTransformer:
+    """~0.8 M parameters: 64 px in 8 px patches (64 tokens), width 128, 4 blocks; trains in seconds on CPU."""
+    return vit22b(img_size or 64, 8, 128, 4, 4, **kw)
+
+
+@STUDENTS.register("vit22b_small")
+def vit22b_small(img_size: int | None = None, **kw: Any) -> VisionTransformer:
+    """~3.6 M parameters: 64 px in 8 px patches, width 192, 8 blocks."""
+    return vit22b(img_size or 64, 8, 192, 8, 3, **kw)
+
+
+def list_students(pattern: str = "*") -> list[str]:
+    """Registered students; any timm model name (``timm.list_models()``) is accepted as well."""
+    return STUDENTS.list(pattern)
+
+
+def create_backbone(cfg: StudentConfig, dist_token: bool = False, seed: int = 0) -> nn.Module:
+    """The student's feature extractor: forward (B, 3, S, S) -> pooled (B, D); ``num_features`` = D."""
+    torch.manual_seed(seed)  # initial weights depend on the config only
+    if cfg.name in STUDENTS:
+        return STUDENTS.create(cfg.name, img_size=cfg.img_size, dist_token=dist_token, drop_path=cfg.drop_path)
+    import timm
+
+    if not timm.is_model(cfg.name):
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+        hint = f"; close timm names: {', '.join(close)}" if close else ""
+        raise RegistryError(STUDENTS.unknown_message(cfg.name, extra=f", or any timm model name{hint}"))
+    if dist_token:
+        raise ConfigError(f"distill.dist_token needs a ViT student from the registry ({', '.join(list_students())}), "
+                          f"not timm {cfg.name!r}")
+    kw: dict[str, Any] = {"num_classes": 0, "pretrained": cfg.pretrained}
+    if cfg.img_size is not None and "vit" in cfg.name:
+        kw["img_size"] = cfg.img_size
+    if cfg.drop_path:
+        kw["drop_path_rate"] = cfg.drop_path
+    try:
+        return timm.create_model(cfg.name, **kw)
+    except Exception as e:  # hub failures and bad kwargs come in many types
+        raise ConfigError(f"student {cfg.name!r}: timm could not build it ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}); offline, set student.pretrained=false") from None
+
+
+def input_spec(backbone: nn.Module, cfg: StudentConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(square input side, mean, std): registry students train from scratch on [-1, 1]; timm models
+    keep their pretrained normalisation; ``student.img_size`` overrides the side."""
+    if cfg.name in STUDENTS:
+        return int(backbone.patch_embed.img_size[0]), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    from timm.data import resolve_data_config
+
+    dc = resolve_data_config({}, model=backbone)
+    return cfg.img_size or int(dc["input_size"][-1]), tuple(dc["mean"]), tuple(dc["std"])
+
+
+class Student(nn.Module):
+    """Backbone + task head + optional teacher-space head, projection and DeiT distillation token."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, teacher_dim: int, teacher_classes: int, *,
+                 img_size: int, mean: tuple[float, ...], std: tuple[float, ...], kd_head: bool, feature_head: bool,
+                 dist_token: bool) -> None:
+        super().__init__()
+        dim = int(backbone.num_features)
+        self.backbone = backbone
+        self.img_size, self.mean, self.std = img_size, mean, std
+        self.dist_token = dist_token
+        self.shared_label_space = teacher_classes == num_classes
+        self.head = nn.Linear(dim, num_classes)
+        separate = kd_head and teacher_classes > 0 and (dist_token or not self.shared_label_space)
+        self.kd_head = nn.Linear(dim, teacher_classes) if separate else None
+        self.has_kd_logits = kd_head and teacher_classes > 0
+        self.proj = nn.Linear(dim, teacher_dim) if feature_head else None
+        if dist_token and self.kd_head is None:
+            raise ConfigError("distill.dist_token needs a teacher with logits and a 'kd' or 'hard' loss")
+
+    @property
+    def num_features(self) -> int:
+        return int(self.backbone.num_features)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        nwd = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{n}" for n in nwd}
+
+    def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, S, S) -> pooled embedding (B, D) and distillation-token embedding (B, D) or None."""
+        if self.dist_token:
+            t = self.backbone.forward_features(x)  # (B, 2 + N, D): class token, distillation token, patches
+            return t[:, 0], t[:, 1]
+        return self.backbone(x), None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb, dist = self.tokens(x)  # (B, D), (B, D) | None
+        out = {"emb": emb, "logits": self.head(emb)}  # (B, C)
+        if self.has_kd_logits:
+            out["kd_logits"] = self.kd_head(dist if dist is not None else emb) if self.kd_head is not None else out["logits"]
+        if self.proj is not None:
+            out["feat"] = self.proj(emb)  # (B, teacher_dim)
+        if dist is not None and self.shared_label_space and not self.training:
+            out["logits"] = (out["logits"] + out["kd_logits"]) / 2  # DeiT: average both heads at eval
+        return out
+
+
+def create_student(cfg: StudentConfig, num_classes: int, teacher_dim: int, *, teacher_classes: int = 0,
+                   kd_head: bool = True, feature_head: bool = True, dist_token: bool = False, seed: int = 0) -> Student:
+    """Build a student for ``num_classes`` task classes distilling from a teacher with ``teacher_dim``
+    features and ``teacher_classes`` logits (0: the teacher has no classifier). Same arguments, same
+    initial weights."""
+    backbone = create_backbone(cfg, dist_token=dist_token, seed=seed)
+    size, mean, std = input_spec(backbone, cfg)
+    torch.manual_seed(seed + 1)
+    return Student(backbone, num_classes, teacher_dim, teacher_classes, img_size=size, mean=mean, std=std,
+                   kd_head=kd_head, feature_head=feature_head, dist_token=dist_token)

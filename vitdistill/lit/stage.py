@@ -1,0 +1,117 @@
+"""The LiT stage: locked-image text tuning on one feature cache, with what to log and show.
+
+    report = run_lit("vitdistill-cache/features/effnet_lite0_imagenet-...", LitConfig(), on_epoch=log_step)
+    report.metrics["zeroshot_top1"], report.history, report.figures["lit_loss.png"], report.model
+
+The image tower is locked: its embeddings are read from the cache and never recomputed. The text
+tower (or, frozen, only its head), the image projection head and the temperature are trained on
+train (with the shapes hold-out applied, see :mod:`vitdistill.lit.data`); val gives a loss curve;
+test is read once for zero-shot classification and retrieval.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitdistill.config import LitConfig
+from vitdistill.lit.data import LitData, load_lit_data
+from vitdistill.lit.evaluate import recall_at_k, zeroshot_classifier, zeroshot_predict
+from vitdistill.lit.losses import create_lit_loss
+from vitdistill.lit.model import LitModel
+from vitdistill.lit.plots import loss_curve_figure
+from vitdistill.lit.text import create_text_tower
+from vitdistill.lit.train import TextFeatures, embed_images, embed_text_ids, train_lit
+from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall
+from vitdistill.probes.plots import confusion_figure, per_class_table
+
+RETRIEVAL_KS = (1, 5, 10)
+
+
+@dataclass
+class LitReport:
+    metrics: dict[str, float]
+    history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, temperature, lr, seconds
+    tables: dict[str, list[dict[str, Any]]]
+    figures: dict[str, Any] = field(default_factory=dict)  # artifact name -> matplotlib Figure
+    model: nn.Module | None = None  # LitModel: strings -> joint space, plus the image head
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    headline: str = ""
+
+
+def build_lit_model(cfg: LitConfig, data: LitData) -> tuple[LitModel, nn.Module]:
+    """The text tower (scratch vocab from train captions and prompts), heads and loss, seeded."""
+    torch.manual_seed(cfg.seed)
+    train_texts = {data.texts[i] for i in np.unique(data.train.options)}
+    prompts = {data.texts[i] for i in np.unique(data.prompt_ids)} if data.prompt_ids is not None else set()
+    corpus = sorted(train_texts | prompts)
+    tower = create_text_tower(cfg.text_tower, corpus=corpus, max_length=cfg.max_text_length,
+                              width=cfg.scratch_width, layers=cfg.scratch_layers, heads=cfg.scratch_heads)
+    model = LitModel(tower, image_dim=data.train.emb.shape[1], embed_dim=cfg.embed_dim,
+                     text_head=cfg.text_head, image_head=cfg.image_head)
+    loss_fn = create_lit_loss(cfg.loss, init_temperature=cfg.init_temperature, init_bias=cfg.init_bias)
+    return model, loss_fn
+
+
+def zeroshot_metrics(img: np.ndarray, cls: np.ndarray, classifier: np.ndarray,
+                     heldout: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
+    """img (N, E), cls (N,), classifier (C, E), heldout (N,) bool or None -> metrics, (C, C) confusion."""
+    pred = zeroshot_predict(img, classifier)  # (N,)
+    c = classifier.shape[0]
+    cm = confusion_matrix(cls, pred, c)
+    out = {"zeroshot_top1": float(np.mean(pred == cls)), "zeroshot_mean_per_class_recall": mean_per_class_recall(cm),
+           "chance_top1": 1.0 / c}
+    if heldout is not None and heldout.any():
+        out["heldout_zeroshot_top1"] = float(np.mean(pred[heldout] == cls[heldout]))
+        out["seen_zeroshot_top1"] = float(np.mean(pred[~heldout] == cls[~heldout])) if (~heldout).any() else float("nan")
+    return out, cm
+
+
+def run_lit(cache_dir: str, cfg: LitConfig, *, progress: bool = True,
+            on_epoch: Callable[[dict], None] | None = None) -> LitReport:
+    data = load_lit_data(cache_dir, holdout_combos=cfg.holdout_combos)
+    model, loss_fn = build_lit_model(cfg, data)
+    frozen = model.text_tower.pretrained and cfg.freeze_text
+    t0 = time.perf_counter()
+    feats = TextFeatures(model, data.texts, frozen)
+    history = train_lit(model, loss_fn, data, cfg, frozen_text=frozen, feats=feats, progress=progress,
+                        on_epoch=on_epoch)
+    train_seconds = time.perf_counter() - t0
+
+    test = data.test
+    img = embed_images(model, test.emb)  # (N, E)
+    text_ids = test.fixed_text_ids()  # (N,)
+    distinct, text_of_image = np.unique(text_ids, return_inverse=True)
+    retrieval = recall_at_k(img, embed_text_ids(model, feats, distinct), text_of_image, RETRIEVAL_KS)
+    metrics: dict[str, float] = {f"retrieval_{k}": v for k, v in retrieval.items()}
+    metrics["retrieval_texts"] = float(len(distinct))
+    last = history[-1]
+    metrics.update({"train_loss": last["train_loss"], "val_loss": last["val_loss"],
+                    "temperature": last["temperature"], "train_seconds": train_seconds})
+    if "bias" in last:
+        metrics["bias"] = last["bias"]
+
+    tables: dict[str, list[dict[str, Any]]] = {"history": [dict(r) for r in history]}
+    kind = f"{cfg.text_tower}{' (frozen)' if frozen else ''}, {cfg.loss}"
+    figures = {"lit_loss.png": loss_curve_figure(history, f"LiT {kind}")}
+    headline = f"LiT {kind}:"
+    if data.classes is not None and test.cls is not None:
+        classifier = zeroshot_classifier(embed_text_ids(model, feats, data.prompt_ids))  # (C, E)
+        zs, cm = zeroshot_metrics(img, test.cls, classifier, test.heldout)
+        metrics.update(zs)
+        tables["per_class"] = per_class_table(cm, data.classes)
+        tables["prompts"] = [{"template": t} for t in data.templates]
+        figures["lit_zeroshot_confusion.png"] = confusion_figure(
+            cm, data.classes, f"LiT zero-shot, test top-1 {zs['zeroshot_top1']:.3f}")
+        headline += f" zero-shot top-1 {zs['zeroshot_top1']:.3f} (chance {zs['chance_top1']:.3f})"
+        if "heldout_zeroshot_top1" in zs:
+            headline += f", held-out combos {zs['heldout_zeroshot_top1']:.3f}"
+        headline += ","
+    headline += f" i2t R@1 {metrics['retrieval_i2t_r1']:.3f}, t2i R@1 {metrics['retrieval_t2i_r1']:.3f}"
+    return LitReport(metrics=metrics, history=history, tables=tables, figures=figures, model=model,
+                     split_sizes=data.sizes(), headline=headline)
