@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitdistill.config import VitdistillConfig
+from vitdistill.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,11 +92,26 @@ def deploy_all(config: VitdistillConfig, activate_schedules: bool = False) -> li
 
 def submit(stage: str, config: VitdistillConfig, wait_seconds: float | None) -> dict:
     """Start a run of a stage's deployment; with ``wait_seconds`` wait for it to finish."""
+    from prefect import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     spec = next((d for d in DEPLOYMENTS if d.stage == stage), None)
     if spec is None:
-        raise ValueError(f"no deployment for stage {stage!r}; deployed stages: {', '.join(d.stage for d in DEPLOYMENTS)}")
+        raise ConfigError(f"no deployment for stage {stage!r}; deployed stages: {', '.join(d.stage for d in DEPLOYMENTS)}")
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_deployment_by_name(spec.full_name).work_pool_name
+        except ObjectNotFound:
+            raise ConfigError(f"deployment {spec.full_name!r} not found on the server; run `vitdistill deploy` first") from None
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except ObjectNotFound:
+            raise ConfigError(f"work pool {pool!r} does not exist; run `vitdistill deploy` (it creates the pool) "
+                              f"and start a worker: `prefect worker start --pool {pool}`") from None
+    if wait_seconds and not any(w.status.value == "ONLINE" for w in workers):
+        raise ConfigError(f"no worker is online for work pool {pool!r}, so the run would wait forever; start one with "
+                          f"`vitdistill up` or `prefect worker start --pool {pool}`")
     run = run_deployment(spec.full_name, parameters={"config": config.model_dump(mode="json")},
                          timeout=wait_seconds if wait_seconds is not None else 0, as_subflow=False, poll_interval=2)
     return {"deployment": spec.full_name, "flow_run_id": str(run.id), "flow_run_name": run.name,

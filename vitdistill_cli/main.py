@@ -155,6 +155,9 @@ def _run_target(target: str, config: Path | None, sets: list[str] | None, json_p
     def body() -> dict:
         cfg = _load(config, sets)
         check_prefect_api()
+        from vitdistill.tracking import get_tracker
+
+        get_tracker(cfg.tracking)  # an unreachable MLflow server fails here, in one line, before any flow run
         if not debug:
             logging.getLogger("prefect").setLevel(logging.INFO)
         from flows.pipeline import FLOWS

@@ -146,9 +146,9 @@ def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig
                 bar.update()
             val = split_loss(model, loss_fn, feats, data.val, groups, cfg.batch_size) if len(data.val) > 1 else {}
             row = {"epoch": epoch, "train_loss": sums["loss"] / n, "val_loss": val.get("loss", float("nan")),
-                   "temperature": float(loss_fn.temperature())}
+                   "temperature": float(loss_fn.temperature().detach())}
             if hasattr(loss_fn, "bias"):
-                row["bias"] = float(loss_fn.bias)
+                row["bias"] = float(loss_fn.bias.detach())
             row["lr"] = float(sched.get_last_lr()[0])
             row["seconds"] = time.perf_counter() - t0
             history.append(row)

@@ -1,0 +1,161 @@
+"""Real servers on 127.0.0.1: `vitdistill up` (Prefect server, process worker, MLflow server with
+artifacts on a local S3 server), deploy, a deployment run executed by the worker on s3:// input and
+cache, MLflow and Prefect checked through their APIs and in headless Chromium, then `vitdistill down`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.test_extract import write_wds
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+VITDISTILL = [sys.executable, "-m", "vitdistill_cli.main"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=15000", "--window-size=1400,900"]
+
+
+def cli(args, env, cwd, timeout=300):
+    return subprocess.run(VITDISTILL + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, s3_server):
+    """`vitdistill up` with MLflow artifacts on the local S3 server; `vitdistill down` afterwards."""
+    import fsspec
+    import s3fs
+
+    work = tmp_path_factory.mktemp("stack")
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_ENDPOINT_URL": s3_server, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    os.environ.update(creds)  # this process reads the bucket too
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = fsspec.filesystem("s3")
+    bucket = f"stack-{os.urandom(3).hex()}"
+    fs.mkdir(bucket)
+    local = work / "in.tar"
+    write_wds(local, 60, classes=3)
+    fs.put_file(str(local), f"{bucket}/in/train-000.tar")
+
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    env = {**os.environ, **creds, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "TQDM_DISABLE": "1", "COLUMNS": "200"}
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    sets = ["--set", f"orchestration.prefect_port={ports['prefect']}", "--set", f"orchestration.mlflow_port={ports['mlflow']}",
+            "--set", f"orchestration.state_dir={work}/state",
+            "--set", f"tracking.server_backend_store_uri=sqlite:///{work}/mlflow-server.db",
+            "--set", f"tracking.server_artifacts_destination=s3://{bucket}/mlartifacts"]
+    r = cli(["up", *sets, "--json", str(work / "up.json")], env, work, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads((work / "up.json").read_text())
+    client_env = {**env, "PREFECT_API_URL": info["prefect_api_url"], "MLFLOW_TRACKING_URI": info["mlflow_url"]}
+    try:
+        yield {"env": client_env, "work": work, "info": info, "bucket": bucket, "fs": fs, "sets": sets}
+    finally:
+        down = cli(["down", *sets], env, work, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert "prefect-server" in down.stdout and "mlflow-server" in down.stdout and "prefect-worker" in down.stdout
+        for p in info["processes"]:
+            with pytest.raises(ProcessLookupError):
+                os.kill(p["pid"], 0)
+
+
+def test_servers_bind_to_loopback(stack):
+    info = stack["info"]
+    assert info["prefect_url"].startswith("http://127.0.0.1:") and info["mlflow_url"].startswith("http://127.0.0.1:")
+
+
+def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
+    env, work, bucket, fs = stack["env"], stack["work"], stack["bucket"], stack["fs"]
+    run_sets = ["--set", "data.source=wds", "--set", f"data.path=s3://{bucket}/in/train-000.tar",
+                "--set", f"cache.root=s3://{bucket}/cache", "--set", "probe.fewshot_shots=[1,5]",
+                "--set", "probe.fewshot_seeds=[0]", "--set", "probe.knn_k=[5]"]
+    r = cli(["deploy", "-c", str(ROOT / "configs/runlocal.yaml"), "--json", str(work / "deploy.json")], env, work)
+    assert r.returncode == 0, r.stderr
+    deployed = {d["deployment"] for d in json.loads((work / "deploy.json").read_text())}
+    assert deployed == {"vitdistill-pipeline/pipeline", "vitdistill-extract/extract", "vitdistill-probe/probe",
+                        "vitdistill-lit/lit", "vitdistill-distill/distill"}
+
+    r = cli(["submit", "probe", "-c", str(ROOT / "configs/runlocal.yaml"), *run_sets, "--wait", "--timeout", "240",
+             "--json", str(work / "submit.json")], env, work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sub = json.loads((work / "submit.json").read_text())
+    assert sub["state"] == "COMPLETED"
+
+    # MLflow (through the server): parent + children, tagged with the flow run and the deployment
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack["info"]["mlflow_url"])
+    exp = client.get_experiment_by_name("vitdistill")
+    runs = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{sub['flow_run_id']}'")
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {"vitdistill-probe", "extract", "probe"}
+    assert all(r.data.tags["prefect.deployment"] == "probe" for r in runs)
+    assert by_name["extract"].data.metrics["samples"] == 60
+    assert by_name["extract"].data.params["cache_dir"].startswith(f"s3://{bucket}/cache/features/")
+    # artifacts went through the server to S3
+    assert {"confusion.png", "per_class.json"} <= {a.path for a in client.list_artifacts(by_name["probe"].info.run_id)}
+    assert any(p.endswith("confusion.png") for p in fs.find(f"{bucket}/mlartifacts"))
+    assert fs.exists(f"{bucket}/cache") and fs.find(f"{bucket}/cache", withdirs=False)
+
+    # Prefect artifacts of that flow run
+    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sub["flow_run_id"]])))
+    kinds = {(a.key, a.type) for a in arts}
+    assert {("probe-per-class", "table"), ("extract-shards", "table"), ("vitdistill-summary", "markdown")} <= kinds
+    link = next(a for a in arts if a.key == "mlflow-run")  # Prefect 3.8 stores link artifacts as markdown links
+    assert f"({stack['info']['mlflow_url']}/#/experiments/" in str(link.data)
+
+    # the UIs, rendered in headless Chromium
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); UI check not run")
+    shots = Path(os.environ.get("VITDISTILL_SCREENSHOTS", work / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    pages = {
+        "mlflow-run": (f"{stack['info']['mlflow_url']}/#/experiments/{exp.experiment_id}/runs/{by_name['extract'].info.run_id}",
+                       ["extract", "images_per_s", "samples"]),
+        "prefect-flow-run": (f"{stack['info']['prefect_url']}/runs/flow-run/{sub['flow_run_id']}",
+                             [sub["flow_run_name"], "vitdistill-probe", "Completed"]),
+    }
+    for name, (url, expected) in pages.items():
+        profile = ["--user-data-dir=" + str(work / f"chromium-{name}")]
+        dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True,
+                             timeout=90).stdout
+        for text in expected:
+            assert text in dom, f"{name}: {text!r} not rendered"
+        subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, f"--screenshot={shots / (name + '.png')}", url],
+                       capture_output=True, timeout=90)
+        assert (shots / f"{name}.png").stat().st_size > 10_000
+
+
+def test_unreachable_servers_and_missing_deployments_are_one_line(stack):
+    env, work = stack["env"], stack["work"]
+    dead = f"http://127.0.0.1:{free_port()}"
+    r = cli(["deploy"], {**env, "PREFECT_API_URL": dead + "/api"}, work)
+    assert r.returncode == 2 and "cannot reach the Prefect API" in r.stderr and "vitdistill up" in r.stderr
+    r = cli(["deploy"], {k: v for k, v in env.items() if k != "PREFECT_API_URL"}, work)
+    assert r.returncode == 2 and "PREFECT_API_URL is not set" in r.stderr
+    r = cli(["extract", "-c", str(ROOT / "configs/runlocal.yaml"), "--set", f"cache.root={work}/c2"],
+            {**env, "MLFLOW_TRACKING_URI": dead}, work)
+    assert r.returncode == 2 and "cannot reach the MLflow tracking server" in r.stderr
+    for out in (r.stderr,):
+        assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+    r = cli(["submit", "nope"], env, work)
+    assert r.returncode == 2 and "no deployment for stage 'nope'" in r.stderr

@@ -1,0 +1,288 @@
+"""The distill stage: teacher -> student on the pipeline's image shards, with what to log and show.
+
+    report = run_distill(load_config("configs/digits.yaml"))
+    report.metrics["student_top1"], report.history, report.figures["loss_curves.png"], report.model
+
+    torchrun --nproc_per_node=2 -m vitdistill.distill.stage -c configs/runlocal.yaml   # DDP (gloo on CPU)
+
+Images come from ``resolve_inputs(cfg)`` and are split by the same key hash as the feature cache.
+``distill.mode=cached`` first builds (or reuses) the view cache (:mod:`vitdistill.distill.viewcache`);
+``online`` runs the teacher on every batch. Checkpoints go to a directory addressed by everything
+that defines the run, under ``{cache.root}/distill/``, so ``distill.resume`` picks up a killed run.
+
+Metrics: ``student_top1`` (task head, test split), ``teacher_top1`` (the teacher's own head when its
+label space is the task's; otherwise the linear-probe top-1 of its embeddings from the feature
+cache, when the extract stage has built it), ``agreement``/``agreement_top5``/``kl`` (student vs
+teacher in the teacher's label space, test split, KL(teacher || student)), ``student_probe_top1``
+(linear probe on the student's embeddings), parameters and GFLOPs per image of both models, and
+the last epoch's losses as ``final_*``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from vitdistill.cache import fs
+from vitdistill.config import VitdistillConfig
+from vitdistill.data.ingest import InputSet, resolve_inputs
+from vitdistill.distill.data import CachedBatches, ImageSet, OnlineBatches, load_images, split_params
+from vitdistill.distill.evaluate import (count_params, distance, gflops, predict, student_features,
+                                        teacher_outputs, top1)
+from vitdistill.distill.losses import NEEDS_TEACHER_LOGITS, create_distill_loss
+from vitdistill.distill.students import Student, create_student
+from vitdistill.distill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
+from vitdistill.distill.viewcache import build_view_cache, load_view_cache, plan_view_cache, teacher_spec
+from vitdistill.distill.views import InputSpec
+from vitdistill.errors import ConfigError
+from vitdistill.models.teachers import Teacher, create_teacher, resolve_device
+
+
+@dataclass
+class DistillReport:
+    metrics: dict[str, float]
+    history: list[dict[str, float]]  # one row per epoch: epoch, loss, ce_loss, kd_loss, ..., lr, seconds
+    model: nn.Module  # the trained student, in eval mode on the CPU
+    figures: dict[str, Any] = field(default_factory=dict)  # artifact name -> matplotlib Figure
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    headline: str = ""
+    checkpoint_dir: str | None = None
+    view_cache_dir: str | None = None
+    split_sizes: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); True if this call created it."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def train_device(spec: str) -> torch.device:
+    """``distill.device``; under torchrun on GPUs, each rank takes its ``LOCAL_RANK`` GPU."""
+    device = resolve_device(spec)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def run_dir(cfg: VitdistillConfig, teacher: Teacher, inputs: InputSet, world_size: int) -> str:
+    """Checkpoints of one run: addressed by the student, the distill settings, teacher, data and world size."""
+    d = cfg.distill.model_dump(mode="json", exclude={"enabled", "resume", "checkpoint_every", "device"})
+    address = {"student": cfg.student.model_dump(mode="json"), "distill": d, "teacher": teacher.fingerprint(),
+               "teacher_cfg": cfg.teacher.model_dump(mode="json", include={"name", "pretrained", "checkpoint"}),
+               "dataset": inputs.fingerprint, "split": split_params(cfg.data), "world_size": world_size,
+               "on_error": cfg.data.on_error}
+    digest = hashlib.sha256(json.dumps(address, sort_keys=True).encode()).hexdigest()
+    return fs.join(cfg.cache.root, "distill", f"{cfg.student.name}-{digest[:16]}", "checkpoints")
+
+
+def build_student(cfg: VitdistillConfig, teacher: Teacher, num_classes: int) -> Student:
+    weights = {n: w for n, w in cfg.distill.losses.items() if w > 0}
+    needs_logits = any(n in NEEDS_TEACHER_LOGITS for n in weights)
+    if needs_logits and teacher.num_classes == 0:
+        raise ConfigError(f"distill.losses {sorted(weights)}: teacher {teacher.name!r} has no classifier; "
+                          "use only the 'feature' loss")
+    return create_student(cfg.student, num_classes, teacher.num_features, teacher_classes=teacher.num_classes,
+                          kd_head=needs_logits, feature_head="feature" in weights, dist_token=cfg.distill.dist_token,
+                          seed=cfg.distill.seed)
+
+
+def student_spec(student: Student) -> InputSpec:
+    return InputSpec(student.img_size, tuple(student.mean), tuple(student.std))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def teacher_probe_top1(cfg: VitdistillConfig, inputs: InputSet) -> float | None:
+    """Linear-probe top-1 of the teacher's embeddings from the extract stage's feature cache, if built."""
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.extract import plan_extraction
+    from vitdistill.probes.linear import linear_probe
+
+    plan = plan_extraction(cfg, inputs)
+    if not fs.exists(plan.manifest_url):
+        return None
+    fc = FeatureCache.open(plan.cache_dir)
+    splits = [fc.load(split=s) for s in ("train", "val", "test")]
+    if any(s["cls"] is None for s in splits):
+        return None
+    args = [a for s in splits for a in (s["emb"], s["cls"])]
+    return linear_probe(*args, normalize=cfg.probe.normalize, num_classes=len(fc.classes) if fc.classes else None).top1
+
+
+def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, images: ImageSet,
+                     inputs: InputSet) -> dict[str, float]:
+    from vitdistill.probes.linear import linear_probe
+
+    sspec, tspec = student_spec(student), teacher_spec(teacher, cfg.distill.teacher_size)
+    test = images.indices("test")
+    metrics: dict[str, float] = {}
+    if len(test):
+        s = predict(student, images, test, sspec)
+        t_emb, t_logits = teacher_outputs(teacher, images, test, tspec)
+        labels = images.labels[test]
+        if images.has_labels:
+            metrics["student_top1"] = top1(s["logits"], labels)
+            if t_logits is not None and teacher.num_classes == images.num_classes:
+                metrics["teacher_top1"] = top1(t_logits, labels)
+        if t_logits is not None and "kd_logits" in s:
+            metrics.update(distance(s["kd_logits"], t_logits))
+        if "feat" in s:
+            f, t = torch.from_numpy(s["feat"]), torch.from_numpy(t_emb)
+            metrics["feature_cosine"] = float(torch.nn.functional.cosine_similarity(f, t, dim=-1).mean())
+    if images.has_labels and "teacher_top1" not in metrics:
+        probed = teacher_probe_top1(cfg, inputs)
+        if probed is not None:
+            metrics["teacher_top1"] = probed
+    feats = student_features(student, images, sspec)
+    if images.has_labels and all(s in feats for s in ("train", "val", "test")):
+        probe = linear_probe(*feats["train"], *feats["val"], *feats["test"], normalize=cfg.probe.normalize,
+                             num_classes=images.num_classes)
+        metrics["student_probe_top1"] = probe.top1
+    metrics["student_params"] = float(count_params(student))
+    metrics["teacher_params"] = float(count_params(teacher.model))
+    metrics["student_gflops"] = gflops(student, sspec.size)
+    metrics["teacher_gflops"] = gflops(teacher.model, tspec.size)
+    return metrics
+
+
+def loss_curves_figure(history: list[dict[str, float]], title: str) -> Figure:
+    """Every ``*loss`` column of the per-epoch history against the epoch."""
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    epochs = [h["epoch"] + 1 for h in history]
+    for key in sorted(k for k in (history[0] if history else {}) if k.endswith("loss")):
+        ax.plot(epochs, [h[key] for h in history], marker="o", label=key, lw=2.5 if key == "loss" else 1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean training loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequence[Callback] = ()) -> DistillReport:
+    """Train ``cfg.student`` from ``cfg.teacher`` (``cfg.distill``), evaluate it, and report."""
+    d = cfg.distill
+    device = train_device(d.device)
+    created_group = init_distributed(device)
+    try:
+        rank, world_size = world()
+        if d.batch_size % world_size:
+            raise ConfigError(f"distill.batch_size={d.batch_size} must be a multiple of the {world_size} processes")
+        if rank == 0:  # ingest once; the other ranks then find it finished
+            inputs = resolve_inputs(cfg, progress=progress)
+        barrier()
+        if rank:
+            inputs = resolve_inputs(cfg, progress=False)
+        teacher = create_teacher(cfg.teacher)
+        images = load_images(inputs, split_params(cfg.data), cfg.data.on_error)
+        student = build_student(cfg, teacher, images.num_classes)
+        sspec, tspec = student_spec(student), teacher_spec(teacher, d.teacher_size)
+        per_rank = d.batch_size // world_size
+        train = images.indices("train")
+        view_cache_dir = None
+        t0 = time.perf_counter()
+        if d.mode == "cached":
+            if rank == 0:
+                plan, _ = build_view_cache(cfg, inputs, progress=progress)
+            barrier()
+            if rank:
+                plan = plan_view_cache(cfg, inputs)
+            view_cache_dir = plan.cache_dir
+            data = CachedBatches(images, train, per_rank, d.seed, sspec, cache=load_view_cache(plan.cache_dir),
+                                 rank=rank, world=world_size)
+        else:
+            data = OnlineBatches(images, train, per_rank, d.seed, sspec, teacher=teacher, teacher_spec=tspec,
+                                 view_params=(d.crop_scale, d.crop_ratio, d.hflip), rank=rank, world=world_size)
+        cache_seconds = time.perf_counter() - t0
+        ckpt_dir = run_dir(cfg, teacher, inputs, world_size)
+        tcfg = TrainerConfig(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, warmup_fraction=d.warmup_fraction,
+                             grad_clip=d.grad_clip, precision=d.precision, device=str(device),
+                             checkpoint_every=d.checkpoint_every, checkpoint_dir=ckpt_dir, resume=d.resume,
+                             progress=progress)
+        loss_fn = create_distill_loss(d.alpha, d.losses, d.temperature)
+        result = Trainer(student, loss_fn, data, tcfg, callbacks).fit()
+        student.to("cpu").eval()
+        metrics = evaluate_distill(cfg, student, teacher, images, inputs)
+        metrics.update(train_metrics(result, len(train), cache_seconds))
+        return DistillReport(
+            metrics=metrics,
+            history=result.history,
+            model=student,
+            figures={"loss_curves.png": loss_curves_figure(result.history, f"{cfg.student.name} from {teacher.name} "
+                                                           f"({d.mode})")},
+            tables={"history": result.history},
+            headline=headline(metrics),
+            checkpoint_dir=ckpt_dir,
+            view_cache_dir=view_cache_dir,
+            split_sizes={s: int(len(images.indices(s))) for s in ("train", "val", "test")},
+        )
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def train_metrics(result: TrainResult, num_train: int, cache_seconds: float) -> dict[str, float]:
+    out = {f"final_{k}": v for k, v in (result.history[-1] if result.history else {}).items()
+           if k.endswith("loss")}
+    train_s = sum(h["seconds"] for h in result.history)
+    out["train_seconds"] = train_s
+    out["steps"] = float(result.step)
+    if train_s > 0:
+        out["train_images_per_s"] = num_train * len(result.history) / train_s
+    out["view_cache_seconds"] = cache_seconds
+    return out
+
+
+def headline(m: dict[str, float]) -> str:
+    parts = []
+    if "student_top1" in m:
+        teacher = f" (teacher {m['teacher_top1']:.3f})" if "teacher_top1" in m else ""
+        parts.append(f"student top-1 {m['student_top1']:.3f}{teacher}")
+    if "agreement" in m:
+        parts.append(f"agreement {m['agreement']:.3f}, KL {m['kl']:.3f}")
+    parts.append(f"{m['student_params'] / 1e6:.2f}M params / {m['student_gflops']:.3f} GFLOPs vs teacher "
+                 f"{m['teacher_params'] / 1e6:.2f}M / {m['teacher_gflops']:.3f}")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vitdistill.distill.stage [-c CONFIG] [--set k=v ...]``: one run, printed (torchrun-able)."""
+    import argparse
+
+    from vitdistill.config import load_config
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("-c", "--config")
+    ap.add_argument("--set", action="append", default=[], dest="sets")
+    args = ap.parse_args(argv)
+    report = run_distill(load_config(args.config, args.sets), progress=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report.headline)
+        print(json.dumps({k: round(v, 6) for k, v in report.metrics.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""FKD-style view cache: the teacher's outputs on K augmented views of every training image, stored once.
+
+    plan = plan_view_cache(cfg, inputs)
+    records = [build_view_shard(plan, i) for i in range(len(plan.inputs))]   # resumable, one per input shard
+    finalize_view_cache(plan, records)                                        # manifest.json last
+    cache = load_view_cache(plan.cache_dir)    # keys, views (N, K, 5), logits (N, K, C), emb (N, K, D)
+
+Layout under ``{cache.root}/views/{teacher}-{digest}/``: ``views-iiiii.tar`` per input shard with,
+per training image, ``{key}.views.json`` (``{"views": [[top, left, height, width, flip], ...]}``),
+``{key}.logits.npy`` (K, C) and ``{key}.emb.npy`` (K, D); ``records/iiiii.json`` per finished
+shard; ``manifest.json`` last. The directory is addressed by everything that changes the stored
+numbers (teacher fingerprint and input side, dataset, split, view parameters, seed, dtype), so a
+changed setting never reuses stale views. A view is re-rendered at train time from its stored box
+and flip (:func:`vitdistill.distill.views.render`), and no teacher runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vitdistill import __version__
+from vitdistill.cache import fs
+from vitdistill.cache.tario import TarShardWriter, dump_npy, iter_tar_samples, load_npy
+from vitdistill.config import TeacherConfig, VitdistillConfig
+from vitdistill.data.ingest import InputSet
+from vitdistill.data.splits import assign_split
+from vitdistill.distill.data import iter_shard_images, split_params
+from vitdistill.distill.views import InputSpec, View, render_batch, sample_view, view_rng
+from vitdistill.errors import CacheError, DataError
+from vitdistill.models.teachers import Teacher, create_teacher
+
+VIEWS_FORMAT = 1
+
+
+def teacher_spec(teacher: Teacher, size: int | None) -> InputSpec:
+    """The teacher's input: its own mean/std, at ``size`` (default: its own input side)."""
+    dc = teacher.data_config
+    return InputSpec(int(size or dc["input_size"][-1]), tuple(dc["mean"]), tuple(dc["std"]))
+
+
+@dataclass
+class ViewCachePlan:
+    """Everything a shard task needs; small and JSON-serialisable."""
+
+    cache_dir: str
+    inputs: list[str]
+    teacher_cfg: dict[str, Any]
+    teacher: dict[str, Any]
+    teacher_input: dict[str, Any]
+    dataset: dict[str, Any]
+    split: dict[str, Any]
+    views: dict[str, Any]
+    dtype: str
+    on_error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViewCachePlan:
+        return cls(**d)
+
+    @property
+    def manifest_url(self) -> str:
+        return fs.join(self.cache_dir, "manifest.json")
+
+    def record_url(self, index: int) -> str:
+        return fs.join(self.cache_dir, "records", f"{index:05d}.json")
+
+    def shard_name(self, index: int) -> str:
+        return f"views-{index:05d}.tar"
+
+
+def plan_view_cache(cfg: VitdistillConfig, inputs: InputSet) -> ViewCachePlan:
+    teacher = create_teacher(cfg.teacher)
+    d = cfg.distill
+    spec = teacher_spec(teacher, d.teacher_size)
+    views = {"num_views": d.num_views, "crop_scale": list(d.crop_scale), "crop_ratio": list(d.crop_ratio),
+             "hflip": d.hflip, "seed": d.seed, "render": "bilinear-antialias"}
+    address = {
+        "format": VIEWS_FORMAT,
+        "teacher": teacher.fingerprint(),
+        "teacher_input": asdict(spec),
+        "dataset": inputs.fingerprint,
+        "split": split_params(cfg.data),
+        "views": views,
+        "dtype": cfg.cache.dtype,
+        "on_error": cfg.data.on_error,
+    }
+    digest = hashlib.sha256(json.dumps(address, sort_keys=True).encode()).hexdigest()
+    return ViewCachePlan(
+        cache_dir=fs.join(cfg.cache.root, "views", f"{teacher.name}-{digest[:16]}"),
+        inputs=list(inputs.shards),
+        teacher_cfg=cfg.teacher.model_dump(mode="json"),
+        teacher=teacher.fingerprint(),
+        teacher_input=asdict(spec),
+        dataset={"source": inputs.source, "fingerprint": inputs.fingerprint},
+        split=split_params(cfg.data),
+        views=views,
+        dtype=cfg.cache.dtype,
+        on_error=cfg.data.on_error,
+    )
+
+
+def plan_views(plan: ViewCachePlan, key: str, img: torch.Tensor) -> list[View]:
+    """The K views of one image: view k is drawn from (seed, k, key), as online epoch k would be."""
+    v = plan.views
+    return [sample_view(view_rng(v["seed"], k, key), img.shape[1], img.shape[2], tuple(v["crop_scale"]),
+                        tuple(v["crop_ratio"]), v["hflip"]) for k in range(v["num_views"])]
+
+
+def load_view_record(plan: ViewCachePlan, index: int) -> dict | None:
+    try:
+        record = fs.read_json(plan.record_url(index))
+    except (FileNotFoundError, DataError):
+        return None
+    url = fs.join(plan.cache_dir, record.get("name", ""))
+    if record.get("input") != plan.inputs[index] or fs.size(url) != record.get("bytes"):
+        return None
+    return record
+
+
+def build_view_shard(plan: ViewCachePlan, index: int, progress: bool = True) -> dict:
+    """Teacher outputs for the K views of each training image of input shard ``index``; reused if done."""
+    done = load_view_record(plan, index)
+    if done is not None:
+        return {**done, "reused": True}
+    teacher = create_teacher(TeacherConfig.model_validate(plan.teacher_cfg))
+    spec = InputSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.teacher_input.items()})
+    batch_views = max(1, int(plan.teacher_cfg["batch_size"]))
+    dtype = np.float16 if plan.dtype == "float16" else np.float32
+    shard, name = plan.inputs[index], plan.shard_name(index)
+    url = fs.join(plan.cache_dir, name)
+    fs.makedirs(plan.cache_dir)
+    t0 = time.perf_counter()
+    teacher_s = 0.0
+    pending: list[tuple[str, torch.Tensor, list[View]]] = []
+    bar = tqdm(desc=f"views {shard.rsplit('/', 1)[-1]}", unit="img", disable=not progress, leave=False)
+
+    def flush(writer: TarShardWriter) -> None:
+        nonlocal teacher_s
+        imgs = [img for _, img, views in pending for _ in views]
+        views = [v for _, _, vs in pending for v in vs]
+        t = time.perf_counter()
+        emb, logits = teacher(render_batch(imgs, views, spec))  # (B * K, Dt), (B * K, Ct) | None
+        teacher_s += time.perf_counter() - t
+        if not torch.isfinite(emb).all() or (logits is not None and not torch.isfinite(logits).all()):
+            raise CacheError(f"{shard}: teacher gave non-finite outputs for a view of {pending[0][0]!r}..")
+        k = plan.views["num_views"]
+        emb_np = emb.cpu().numpy().reshape(len(pending), k, -1)
+        logits_np = logits.cpu().numpy().reshape(len(pending), k, -1) if logits is not None else None
+        for i, (key, _, vs) in enumerate(pending):
+            fields = {"views.json": json.dumps({"views": [v.to_list() for v in vs]}).encode(),
+                      "emb.npy": dump_npy(emb_np[i].astype(dtype))}
+            if logits_np is not None:
+                fields["logits.npy"] = dump_npy(logits_np[i].astype(dtype))
+            writer.write(key, fields)
+        bar.update(len(pending))
+        pending.clear()
+
+    split = plan.split
+    with fs.staged(url) as tmp:
+        writer = TarShardWriter(tmp)
+        try:
+            for key, img, _ in iter_shard_images(shard, plan.on_error):
+                if assign_split(key, split["seed"], split["val_fraction"], split["test_fraction"]) != "train":
+                    continue
+                pending.append((key, img, plan_views(plan, key, img)))
+                if len(pending) * plan.views["num_views"] >= batch_views:
+                    flush(writer)
+            if pending:
+                flush(writer)
+        finally:
+            writer.close()
+            bar.close()
+        record = {"index": index, "input": shard, "name": name, "count": writer.count, "bytes": writer.bytes_written,
+                  "sha256": fs.sha256_file(tmp), "seconds": round(time.perf_counter() - t0, 3),
+                  "teacher_seconds": round(teacher_s, 3)}
+    fs.write_json_atomic(plan.record_url(index), record)
+    return {**record, "reused": False}
+
+
+def finalize_view_cache(plan: ViewCachePlan, records: list[dict]) -> dict:
+    """Write ``manifest.json`` (last) from the shard records; returns it."""
+    records = sorted(records, key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(len(plan.inputs))):
+        raise CacheError(f"{plan.cache_dir}: records missing for some input shards; re-run the view cache")
+    num = sum(r["count"] for r in records)
+    if num == 0:
+        raise CacheError(f"{plan.cache_dir}: no training image to cache views for")
+    fresh = [r for r in records if not r.get("reused")]
+    manifest = {
+        "format": VIEWS_FORMAT,
+        "kind": "views",
+        "code_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "teacher": plan.teacher,
+        "teacher_input": plan.teacher_input,
+        "dataset": plan.dataset,
+        "split": plan.split,
+        "views": plan.views,
+        "dtype": plan.dtype,
+        "num_samples": num,
+        "shards": [{k: r[k] for k in ("name", "count", "bytes", "sha256", "input")} for r in records],
+        "stats": {"shards_built": len(fresh), "shards_reused": len(records) - len(fresh),
+                  "seconds": round(sum(r["seconds"] for r in fresh), 3),
+                  "teacher_seconds": round(sum(r["teacher_seconds"] for r in fresh), 3)},
+    }
+    fs.write_json_atomic(plan.manifest_url, manifest)
+    fs.remove_stale_tmp(plan.cache_dir)
+    return manifest
+
+
+def build_view_cache(cfg: VitdistillConfig, inputs: InputSet, progress: bool = True) -> tuple[ViewCachePlan, dict]:
+    """The whole view cache in-process, shard after shard (a finished cache is only re-checked)."""
+    plan = plan_view_cache(cfg, inputs)
+    try:
+        manifest = fs.read_json(plan.manifest_url)
+        if all(fs.size(fs.join(plan.cache_dir, s["name"])) == s["bytes"] for s in manifest["shards"]):
+            return plan, manifest
+    except (FileNotFoundError, DataError):
+        pass
+    records = [build_view_shard(plan, i, progress=progress) for i in range(len(plan.inputs))]
+    return plan, finalize_view_cache(plan, records)
+
+
+@dataclass
+class ViewCache:
+    """A view cache in memory: row r holds image ``keys[r]``'s K views and the teacher's outputs on them."""
+
+    cache_dir: str
+    keys: list[str]
+    views: np.ndarray  # (N, K, 5) int64: top, left, height, width, flip
+    emb: np.ndarray  # (N, K, Dt) float32
+    logits: np.ndarray | None  # (N, K, Ct) float32
+    manifest: dict[str, Any]
+
+    @property
+    def num_views(self) -> int:
+        return int(self.views.shape[1])
+
+
+def load_view_cache(cache_dir: str) -> ViewCache:
+    try:
+        manifest = fs.read_json(fs.join(cache_dir, "manifest.json"))
+    except FileNotFoundError:
+        raise CacheError(f"{cache_dir}: no manifest; the view cache is unfinished (run the distill stage)") from None
+    if manifest.get("kind") != "views":
+        raise CacheError(f"{cache_dir}: not a view-cache manifest (expected kind 'views')")
+    k = int(manifest["views"]["num_views"])
+    keys, views, embs, logits = [], [], [], []
+    for shard in manifest["shards"]:
+        url = fs.join(cache_dir, shard["name"])
+        try:
+            f = fs.open_read(url)
+        except FileNotFoundError:
+            raise CacheError(f"{url}: shard listed in the manifest is missing") from None
+        n = 0
+        with f:
+            for key, fields in iter_tar_samples(f, url):
+                where = f"{url}: sample {key!r}"
+                if "views.json" not in fields or "emb.npy" not in fields:
+                    raise CacheError(f"{where}: expected views.json and emb.npy")
+                v = np.array(json.loads(fields["views.json"])["views"], dtype=np.int64)
+                e = load_npy(fields["emb.npy"], where)
+                if v.shape != (k, 5) or e.ndim != 2 or e.shape[0] != k:
+                    raise CacheError(f"{where}: views {v.shape} / emb {e.shape}, expected {k} views each")
+                keys.append(key)
+                views.append(v)
+                embs.append(e)
+                if "logits.npy" in fields:
+                    logits.append(load_npy(fields["logits.npy"], where))
+                n += 1
+        if n != shard["count"]:
+            raise CacheError(f"{url}: holds {n} samples but the manifest says {shard['count']}")
+    if logits and len(logits) != len(keys):
+        raise CacheError(f"{cache_dir}: some samples have logits.npy and some do not")
+    return ViewCache(cache_dir, keys, np.stack(views), np.stack(embs).astype(np.float32),
+                     np.stack(logits).astype(np.float32) if logits else None, manifest)
