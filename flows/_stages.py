@@ -73,6 +73,16 @@ def probe_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult
     return StageResult(**result)
 
 
+def lit_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
+    from tasks import lit as lit_tasks
+
+    if not config.lit.enabled:
+        return StageResult("lit", "disabled", message="lit.enabled is false")
+    with stage_run(config, "lit", parent) as run_id:
+        result = lit_tasks.lit(config, run_id, ctx["cache_dir"])
+    return StageResult(**result)
+
+
 def not_built(stage: str) -> Callable[[VitdistillConfig, str, dict], StageResult]:
     def run(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
         return StageResult(stage, "not built", message=NOT_BUILT[stage])
@@ -83,7 +93,7 @@ def not_built(stage: str) -> Callable[[VitdistillConfig, str, dict], StageResult
 STAGE_FUNCTIONS: dict[str, Callable[[VitdistillConfig, str, dict], StageResult]] = {
     "extract": extract_stage,
     "probe": probe_stage,
-    "lit": not_built("lit"),
+    "lit": lit_stage,
     "distill": not_built("distill"),
     "evaluate": not_built("evaluate"),
 }

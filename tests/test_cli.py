@@ -80,8 +80,8 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     status = {s["stage"]: s["status"] for s in result["stages"]}
-    assert status["extract"] == "ok"
-    assert status["lit"] == status["distill"] == status["evaluate"] == "not built"
+    assert status["extract"] == status["probe"] == status["lit"] == "ok"
+    assert status["distill"] == status["evaluate"] == "not built"
     assert "vitdistill pipeline" in r.stdout and "mlflow ui" in r.stdout  # the summary table
     assert (tmp_path / "mlflow.db").exists() and result["tracking_uri"] == "sqlite:///mlflow.db"
 
@@ -94,7 +94,7 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {c.info.run_name: c for c in children}
-    assert set(names) == {"extract", "probe"}  # stages not built yet open no run
+    assert set(names) == {"extract", "probe", "lit"}  # stages not built yet open no run
     for child in children:
         assert child.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
         assert child.info.status == "FINISHED"
@@ -104,6 +104,13 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     probe = names["probe"]
     assert 0.0 <= probe.data.metrics["linear_top1"] <= 1.0 and "knn10_top1" in probe.data.metrics
     assert {"confusion.png", "per_class.json", "linear_sweep.json"} <= {a.path for a in client.list_artifacts(probe.info.run_id)}
+
+    lit = names["lit"]
+    assert lit.data.metrics["zeroshot_top1"] > lit.data.metrics["chance_top1"]
+    assert len(client.get_metric_history(lit.info.run_id, "train_loss")) == 30  # the loss curve, one point per epoch
+    assert "lit_loss.png" in {a.path for a in client.list_artifacts(lit.info.run_id)}
+    lit_stage = next(s for s in result["stages"] if s["stage"] == "lit")
+    assert lit_stage["paths"]["text_tower"].startswith("models:/")
 
     # a stage alone reuses the finished cache
     r2 = cli(["extract", "-c", str(ROOT / "configs/runlocal.yaml"), "--json", str(out)], cli_env, tmp_path)

@@ -101,6 +101,33 @@ class Tracker:
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, local_path, artifact_path)
 
+    def log_pytorch_model(self, run_id: str, model: Any, name: str, registered_model_name: str | None = None) -> str:
+        """Log a torch module as an MLflow model of ``run_id`` (and register it); returns its URI.
+
+        Pickle serialisation: these are models we trained, loaded back with ``mlflow.pytorch.load_model``;
+        data read from shards is never unpickled.
+        """
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                            registered_model_name=registered_model_name)
+        return info.model_uri
+
+    def log_history(self, run_id: str, history: list[dict[str, Any]], step_key: str = "epoch") -> None:
+        """Per-epoch rows as metric curves (``train_loss`` at step ``epoch``, ...)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(row[step_key])) for row in history for k, v in row.items()
+                 if k != step_key and isinstance(v, (int, float)) and v == v]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
     # ------------------------------------------------------------------ where to look
     def run_url(self, run_id: str) -> str | None:
         if self.uri.startswith(("http://", "https://")):

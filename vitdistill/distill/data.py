@@ -182,9 +182,9 @@ class OnlineBatches(ViewBatches):
     def targets(self, idx: np.ndarray, epoch: int, views: list[View]) -> Batch:
         x = render_batch([self.images.images[i] for i in idx], views, self.teacher_spec)  # (B, 3, T, T)
         emb, logits = self.teacher(x)  # (B, Dt), (B, Ct) | None
-        out = {"teacher_emb": emb.cpu().clone()}  # clone: leave inference mode's tensors behind
+        out = {"teacher_emb": emb.clone()}  # clone: leave inference mode's tensors behind
         if logits is not None:
-            out["teacher_logits"] = logits.cpu().clone()
+            out["teacher_logits"] = logits.clone()
         return out
 
 

@@ -24,10 +24,9 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -199,6 +198,7 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
         teacher = create_teacher(cfg.teacher)
         images = load_images(inputs, split_params(cfg.data), cfg.data.on_error)
         student = build_student(cfg, teacher, images.num_classes)
+        loss_fn = create_distill_loss(d.alpha, d.losses, d.temperature)  # unknown loss names fail here, early
         sspec, tspec = student_spec(student), teacher_spec(teacher, d.teacher_size)
         per_rank = d.batch_size // world_size
         train = images.indices("train")
@@ -222,7 +222,6 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
                              grad_clip=d.grad_clip, precision=d.precision, device=str(device),
                              checkpoint_every=d.checkpoint_every, checkpoint_dir=ckpt_dir, resume=d.resume,
                              progress=progress)
-        loss_fn = create_distill_loss(d.alpha, d.losses, d.temperature)
         result = Trainer(student, loss_fn, data, tcfg, callbacks).fit()
         student.to("cpu").eval()
         metrics = evaluate_distill(cfg, student, teacher, images, inputs)

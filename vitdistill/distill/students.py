@@ -191,8 +191,10 @@ class Student(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         emb, dist = self.tokens(x)  # (B, D), (B, D) | None
         out = {"emb": emb, "logits": self.head(emb)}  # (B, C)
-        if self.has_kd_logits:
-            out["kd_logits"] = self.kd_head(dist if dist is not None else emb) if self.kd_head is not None else out["logits"]
+        if self.kd_head is not None:
+            out["kd_logits"] = self.kd_head(dist if dist is not None else emb)  # (B, Ct)
+        elif self.has_kd_logits:
+            out["kd_logits"] = out["logits"]  # shared label space: one head for both
         if self.proj is not None:
             out["feat"] = self.proj(emb)  # (B, teacher_dim)
         if dist is not None and self.shared_label_space and not self.training:

@@ -40,10 +40,27 @@ from vitdistill.models.teachers import Teacher, create_teacher
 VIEWS_FORMAT = 1
 
 
+_ACCEPTS_SIZE: dict[tuple[int, int], bool] = {}
+
+
+def accepts_size(teacher: Teacher, size: int) -> bool:
+    """Whether the teacher runs at ``size`` px (CNNs do; fixed-grid ViTs refuse); tried once per model."""
+    key = (id(teacher.model), size)
+    if key not in _ACCEPTS_SIZE:
+        try:
+            teacher(torch.zeros(1, 3, size, size))
+            _ACCEPTS_SIZE[key] = True
+        except Exception:  # timm raises AssertionError/RuntimeError for a size its grid cannot take
+            _ACCEPTS_SIZE[key] = False
+    return _ACCEPTS_SIZE[key]
+
+
 def teacher_spec(teacher: Teacher, size: int | None) -> InputSpec:
-    """The teacher's input: its own mean/std, at ``size`` (default: its own input side)."""
+    """The teacher's input: its own mean/std, at ``size`` when it accepts that side (else its own)."""
     dc = teacher.data_config
-    return InputSpec(int(size or dc["input_size"][-1]), tuple(dc["mean"]), tuple(dc["std"]))
+    native = int(dc["input_size"][-1])
+    side = size if size and size != native and accepts_size(teacher, size) else native
+    return InputSpec(side, tuple(dc["mean"]), tuple(dc["std"]))
 
 
 @dataclass

@@ -133,7 +133,8 @@ def heldout_mask(meta: list[dict] | None, combos=HELDOUT_COMBOS) -> np.ndarray |
 def _check_captions(cache_dir: str, keys: list[str], txt: list[str]) -> None:
     for key, t in zip(keys, txt):
         if not t.strip():
-            raise DataError(f"{cache_dir}: sample {key!r} has an empty caption; expected non-empty text in its txt field")
+            raise DataError(f"{cache_dir}: sample {key!r} has an empty caption; "
+                            "expected non-empty text in its txt field")
 
 
 def _take(d: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
@@ -190,7 +191,8 @@ def load_lit_data(cache_dir: str, holdout_combos: bool = True) -> LitData:
         splits[name] = LitSplit(keys=d["key"], emb=d["emb"], options=options, cls=d["cls"] if has_cls else None,
                                 heldout=held, meta=d["meta"])
     if len(splits["train"]) < 2:
-        raise DataError(f"{cache_dir}: {len(splits['train'])} training sample(s) after the hold-out; LiT needs at least 2")
+        raise DataError(f"{cache_dir}: {len(splits['train'])} training sample(s) after the hold-out; "
+                        "LiT needs at least 2")
     if has_txt:
         groups = np.arange(len(vocab.texts), dtype=np.int64)  # (U,) every distinct caption is its own group
     else:

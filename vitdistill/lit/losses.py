@@ -7,6 +7,10 @@
 pairs. Passing the mask (rather than assuming pair i <-> i) is how duplicate captions are handled:
 the trainer feeds each distinct caption of a batch once (M <= N), so "a photo of a 3" shared by
 twenty images is one text column with twenty positive images, never a false negative of itself.
+For captions generated from class names, all prompts of a class are marked positive for each
+other's images too (see :mod:`vitdistill.lit.data`). With several positives in a row, the softmax
+loss is -log of the probability mass on the positives (:func:`multi_positive_ce`), which is 0 when
+all mass is on them and ordinary cross-entropy when there is one.
 
 "temperature" follows LiT's usage: the learnable multiplier ``t = exp(log_t)`` of the cosine
 similarities (CLIP's logit scale, the inverse of a softmax temperature), initialised at 10 and

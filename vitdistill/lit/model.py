@@ -4,8 +4,9 @@
     txt = model(["a photo of a circle."])       # (1, 128), unit norm
     img = model.encode_image(cached_emb)        # (N, 128), unit norm; the image tower stays locked
 
-The module is self-contained (tokenizer included), so ``mlflow.pytorch.log_model(model, ...)``
-logs a model that maps strings to the joint space.
+The module is self-contained (tokenizer included). Log it with
+``mlflow.pytorch.log_model(model, name="lit", serialization_format="pickle")``: MLflow 3 defaults
+to ``pt2``, which traces ``forward`` on tensor inputs and cannot take a list of strings.
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def zeroshot_metrics(img: np.ndarray, cls: np.ndarray, classifier: np.ndarray,
            "chance_top1": 1.0 / c}
     if heldout is not None and heldout.any():
         out["heldout_zeroshot_top1"] = float(np.mean(pred[heldout] == cls[heldout]))
-        out["seen_zeroshot_top1"] = float(np.mean(pred[~heldout] == cls[~heldout])) if (~heldout).any() else float("nan")
+        seen = ~heldout
+        out["seen_zeroshot_top1"] = float(np.mean(pred[seen] == cls[seen])) if seen.any() else float("nan")
     return out, cm
 
 

@@ -8,7 +8,8 @@ temperature, lr, seconds``, plus ``bias`` for the sigmoid loss) and passes each 
 Each batch pairs B images with their captions; the distinct captions of the batch (M <= B) are
 encoded once and a (B, M) positive mask tells the loss which pairs match: an image and a text
 match when the text is in the same group as the image's caption (identical text, or for generated
-captions any prompt of the same class; see :mod:`vitdistill.lit.data` and :mod:`vitdistill.lit.losses`). A frozen pretrained tower is run once over every distinct text
+captions any prompt of the same class; see :mod:`vitdistill.lit.data` and
+:mod:`vitdistill.lit.losses`). A frozen pretrained tower is run once over every distinct text
 before training, so an epoch costs only the heads.
 """
 
@@ -90,7 +91,9 @@ def make_optimizer(model: LitModel, loss_fn: nn.Module, cfg: LitConfig, frozen_t
         params = [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2 and module is not loss_fn]
         rest = [p for p in params if not (p.ndim >= 2 and module is not loss_fn)]
-        groups += [{"params": g, "lr": lr, "weight_decay": wd} for g, wd in ((decay, cfg.weight_decay), (rest, 0.0)) if g]
+        for g, wd in ((decay, cfg.weight_decay), (rest, 0.0)):
+            if g:
+                groups.append({"params": g, "lr": lr, "weight_decay": wd})
     return torch.optim.AdamW(groups)
 
 

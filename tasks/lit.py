@@ -1,0 +1,32 @@
+"""The LiT stage as a Prefect task: train on the locked image features, log curves, figures and model."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks._common import artifact_key
+from vitdistill.config import VitdistillConfig
+from vitdistill.lit.stage import run_lit
+from vitdistill.stages import StageResult
+from vitdistill.tracking import get_tracker
+
+
+@task(name="lit", cache_policy=NO_CACHE)
+def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
+    """Text tower + heads trained contrastively against cached image embeddings; zero-shot + retrieval."""
+    report = run_lit(cache_dir, config.lit)
+    tracker = get_tracker(config.tracking)
+    tracker.log_params(run_id, {"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}})
+    tracker.log_history(run_id, report.history)
+    tracker.log_metrics(run_id, report.metrics)
+    for name, fig in report.figures.items():
+        tracker.log_figure(run_id, fig, name)
+    for name, rows in report.tables.items():
+        tracker.log_dict(run_id, rows, f"lit_{name}.json")
+    model_uri = tracker.log_pytorch_model(run_id, report.model, "text_tower")
+    create_table_artifact(table=[{"metric": k, "value": round(v, 4)} for k, v in report.metrics.items()],
+                          key=artifact_key("lit", "metrics"), description="LiT zero-shot and retrieval")
+    return StageResult("lit", "ok", report.headline, report.metrics,
+                       {"cache_dir": cache_dir, "text_tower": model_uri}, run_id).to_dict()
