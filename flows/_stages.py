@@ -83,6 +83,16 @@ def lit_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
     return StageResult(**result)
 
 
+def distill_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
+    from tasks import distill as distill_tasks
+
+    if not config.distill.enabled:
+        return StageResult("distill", "disabled", message="distill.enabled is false")
+    with stage_run(config, "distill", parent) as run_id:
+        result = distill_tasks.distill(config, run_id)
+    return StageResult(**result)
+
+
 def not_built(stage: str) -> Callable[[VitdistillConfig, str, dict], StageResult]:
     def run(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
         return StageResult(stage, "not built", message=NOT_BUILT[stage])
@@ -94,7 +104,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[VitdistillConfig, str, dict], StageResult]]
     "extract": extract_stage,
     "probe": probe_stage,
     "lit": lit_stage,
-    "distill": not_built("distill"),
+    "distill": distill_stage,
     "evaluate": not_built("evaluate"),
 }
 

@@ -25,7 +25,7 @@ def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
         tracker.log_figure(run_id, fig, name)
     for name, rows in report.tables.items():
         tracker.log_dict(run_id, rows, f"lit_{name}.json")
-    model_uri = tracker.log_pytorch_model(run_id, report.model, "text_tower")
+    model_uri = tracker.log_pytorch_model(run_id, report.model, "text_tower")["model_uri"]
     create_table_artifact(table=[{"metric": k, "value": round(v, 4)} for k, v in report.metrics.items()],
                           key=artifact_key("lit", "metrics"), description="LiT zero-shot and retrieval")
     return StageResult("lit", "ok", report.headline, report.metrics,

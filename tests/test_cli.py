@@ -80,8 +80,8 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     status = {s["stage"]: s["status"] for s in result["stages"]}
-    assert status["extract"] == status["probe"] == status["lit"] == "ok"
-    assert status["distill"] == status["evaluate"] == "not built"
+    assert status["extract"] == status["probe"] == status["lit"] == status["distill"] == "ok"
+    assert status["evaluate"] == "not built"
     assert "vitdistill pipeline" in r.stdout and "mlflow ui" in r.stdout  # the summary table
     assert (tmp_path / "mlflow.db").exists() and result["tracking_uri"] == "sqlite:///mlflow.db"
 
@@ -94,7 +94,10 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {c.info.run_name: c for c in children}
-    assert set(names) == {"extract", "probe", "lit"}  # stages not built yet open no run
+    assert set(names) == {"extract", "probe", "lit", "distill"}  # stages not built yet open no run
+    distill = names["distill"]
+    assert {"student_top1", "agreement", "kl", "student_params", "teacher_gflops"} <= set(distill.data.metrics)
+    assert "loss_curves.png" in {a.path for a in client.list_artifacts(distill.info.run_id)}
     for child in children:
         assert child.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
         assert child.info.status == "FINISHED"

@@ -91,3 +91,22 @@ def test_probe_results_are_cached_across_runs_on_inputs(prefect_harness, make_cf
     assert compute_state(second) == "Cached"
     assert compute_state(other) == "Completed"  # another probe config is another key
     assert first.result()["stages"][1]["metrics"] == second.result()["stages"][1]["metrics"]
+
+
+@pytest.mark.slow
+def test_distill_flow_under_torchrun_registers_the_student(prefect_harness, make_cfg):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import distill_flow
+
+    cfg = make_cfg("data.limit=160", "distill.epochs=1", "distill.nproc=2", "distill.register_as=test-student",
+                   "distill.batch_size=16")
+    result = distill_flow(cfg)
+    stage = result["stages"][-1]
+    assert stage["stage"] == "distill" and stage["status"] == "ok"
+    assert stage["paths"]["registered_model"] == "test-student/1"
+    client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
+    version = client.get_model_version("test-student", "1")
+    assert float(version.tags["student_top1"]) == pytest.approx(stage["metrics"]["student_top1"], abs=1e-6)
+    run = client.get_run(stage["run_id"])
+    assert run.data.params["nproc"] == "2" and "student_top1" in run.data.metrics

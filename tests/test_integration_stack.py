@@ -38,9 +38,11 @@ def stack(tmp_path_factory, s3_server):
     import s3fs
 
     work = tmp_path_factory.mktemp("stack")
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    secret = f"vd-secret-{os.urandom(6).hex()}"  # moto accepts any key; a distinctive one is searchable
+    creds = {"AWS_ACCESS_KEY_ID": "vd-key-id", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
              "AWS_ENDPOINT_URL": s3_server, "MLFLOW_S3_ENDPOINT_URL": s3_server}
-    os.environ.update(creds)  # this process reads the bucket too
+    saved = {k: os.environ.get(k) for k in (*creds, "PREFECT_API_URL")}
+    os.environ.update(creds)  # this process reads the bucket too (restored at teardown)
     s3fs.S3FileSystem.clear_instance_cache()
     fs = fsspec.filesystem("s3")
     bucket = f"stack-{os.urandom(3).hex()}"
@@ -63,7 +65,7 @@ def stack(tmp_path_factory, s3_server):
     info = json.loads((work / "up.json").read_text())
     client_env = {**env, "PREFECT_API_URL": info["prefect_api_url"], "MLFLOW_TRACKING_URI": info["mlflow_url"]}
     try:
-        yield {"env": client_env, "work": work, "info": info, "bucket": bucket, "fs": fs, "sets": sets}
+        yield {"env": client_env, "work": work, "info": info, "bucket": bucket, "fs": fs, "sets": sets, "secret": secret}
     finally:
         down = cli(["down", *sets], env, work, timeout=120)
         assert down.returncode == 0, down.stderr
@@ -71,6 +73,12 @@ def stack(tmp_path_factory, s3_server):
         for p in info["processes"]:
             with pytest.raises(ProcessLookupError):
                 os.kill(p["pid"], 0)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_servers_bind_to_loopback(stack):
@@ -110,6 +118,13 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
     assert {"confusion.png", "per_class.json"} <= {a.path for a in client.list_artifacts(by_name["probe"].info.run_id)}
     assert any(p.endswith("confusion.png") for p in fs.find(f"{bucket}/mlartifacts"))
     assert fs.exists(f"{bucket}/cache") and fs.find(f"{bucket}/cache", withdirs=False)
+
+    # credentials reach S3 through the environment and are never logged
+    for run in runs:
+        logged = json.dumps([run.data.params, run.data.tags])
+        assert stack["secret"] not in logged and "vd-key-id" not in logged
+    config_yaml = client.download_artifacts(by_name["vitdistill-probe"].info.run_id, "config.yaml", str(work))
+    assert stack["secret"] not in Path(config_yaml).read_text()
 
     # Prefect artifacts of that flow run
     os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]

@@ -184,6 +184,10 @@ class DistillConfig(Section):
     )
     checkpoint_every: int = Field(100, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     resume: bool = Field(True, description="continue from the latest checkpoint of the same run, if any")
+    nproc: int = Field(1, ge=1, description="processes; above 1 the stage runs under torchrun (gloo on CPU, nccl on GPU)")
+    register_as: str | None = Field(
+        "vitdistill-student", description="MLflow Model Registry name for the student (none: log, don't register)"
+    )
     seed: int = Field(0, description="seeds the student's weights, the data order and the views")
 
     @model_validator(mode="after")

@@ -18,7 +18,6 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {
     "evaluate": ("extract", "probe", "distill"),
 }
 NOT_BUILT: dict[str, str] = {
-    "distill": "distillation into a student lands with issue #6",
     "evaluate": "shape-bias/robustness/calibration evaluators land with issue #9",
 }
 

@@ -101,8 +101,10 @@ class Tracker:
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, local_path, artifact_path)
 
-    def log_pytorch_model(self, run_id: str, model: Any, name: str, registered_model_name: str | None = None) -> str:
-        """Log a torch module as an MLflow model of ``run_id`` (and register it); returns its URI.
+    def log_pytorch_model(self, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
+                          version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Log a torch module as an MLflow model of ``run_id``, optionally registered with ``version_tags``;
+        returns ``{"model_uri", "registered_model", "version"}``.
 
         Pickle serialisation: these are models we trained, loaded back with ``mlflow.pytorch.load_model``;
         data read from shards is never unpickled.
@@ -114,7 +116,12 @@ class Tracker:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
                                             registered_model_name=registered_model_name)
-        return info.model_uri
+        out: dict[str, Any] = {"model_uri": info.model_uri, "registered_model": registered_model_name, "version": None}
+        if registered_model_name and info.registered_model_version is not None:
+            out["version"] = str(info.registered_model_version)
+            for k, v in (version_tags or {}).items():
+                self.client.set_model_version_tag(registered_model_name, out["version"], k, str(v))
+        return out
 
     def log_history(self, run_id: str, history: list[dict[str, Any]], step_key: str = "epoch") -> None:
         """Per-epoch rows as metric curves (``train_loss`` at step ``epoch``, ...)."""

@@ -267,20 +267,53 @@ def headline(m: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def log_report(tracker, run_id: str, report: DistillReport, cfg: VitdistillConfig) -> dict[str, str | None]:
+    """Everything a distill run shows in MLflow: params, per-epoch curves, metrics, figures, tables, and
+    the student as an MLflow model, registered (``distill.register_as``) with its metrics as version tags."""
+    d = cfg.distill
+    tracker.log_params(run_id, {"student": cfg.student.name, "teacher": cfg.teacher.name, "mode": d.mode,
+                                "nproc": d.nproc, "checkpoint_dir": report.checkpoint_dir,
+                                "view_cache_dir": report.view_cache_dir,
+                                **{f"split_{k}": v for k, v in report.split_sizes.items()}})
+    tracker.log_history(run_id, report.history)
+    tracker.log_metrics(run_id, report.metrics)
+    for name, fig in report.figures.items():
+        tracker.log_figure(run_id, fig, name)
+    for name, rows in report.tables.items():
+        tracker.log_dict(run_id, rows, f"distill_{name}.json")
+    keep = ("student_top1", "teacher_top1", "agreement", "kl", "student_params", "student_gflops")
+    logged = tracker.log_pytorch_model(run_id, report.model, "student", registered_model_name=d.register_as,
+                                       version_tags={k: round(report.metrics[k], 6) for k in keep if k in report.metrics})
+    return {"student": logged["model_uri"], "checkpoint_dir": report.checkpoint_dir,
+            "registered_model": f"{logged['registered_model']}/{logged['version']}" if logged["version"] else None}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m vitdistill.distill.stage [-c CONFIG] [--set k=v ...]``: one run, printed (torchrun-able)."""
+    """``python -m vitdistill.distill.stage [-c CONFIG] [--set k=v ...] [--run-id ID --result PATH]``: one
+    run (torchrun-able). With ``--run-id``, rank 0 logs it to that MLflow run; ``--result`` gets a JSON
+    summary (metrics, headline, paths)."""
     import argparse
 
     from vitdistill.config import load_config
+    from vitdistill.tracking import get_tracker
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("-c", "--config")
     ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--run-id", help="MLflow run to log to (rank 0)")
+    ap.add_argument("--result", help="write a JSON summary here (rank 0)")
     args = ap.parse_args(argv)
-    report = run_distill(load_config(args.config, args.sets), progress=False)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(report.headline)
-        print(json.dumps({k: round(v, 6) for k, v in report.metrics.items()}, indent=1))
+    cfg = load_config(args.config, args.sets)
+    report = run_distill(cfg, progress=False)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    paths = log_report(get_tracker(cfg.tracking), args.run_id, report, cfg) if args.run_id else {}
+    summary = {"metrics": report.metrics, "headline": report.headline, "paths": paths,
+               "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if args.result:
+        with open(args.result, "w") as f:
+            json.dump(summary, f)
+    print(report.headline)
 
 
 if __name__ == "__main__":
