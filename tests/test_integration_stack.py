@@ -127,11 +127,12 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
     assert stack["secret"] not in Path(config_yaml).read_text()
 
     # Prefect artifacts of that flow run
-    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as pc:
+    # explicit, so a Prefect test harness elsewhere in the session cannot redirect the client
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as pc:
         arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sub["flow_run_id"]])))
     kinds = {(a.key, a.type) for a in arts}
     assert {("probe-per-class", "table"), ("extract-shards", "table"), ("vitdistill-summary", "markdown")} <= kinds
