@@ -363,3 +363,31 @@ def test_s3_input_and_cache_on_a_local_s3_server(make_cfg, s3_env, tmp_path):
     # built-in datasets ingest to S3 as well
     _, m2, _ = run_extract(make_cfg("data.limit=12", f"cache.root=s3://{bucket}/cache2"))
     assert m2["num_samples"] == 12 and fs.ls(f"{bucket}/cache2/images")
+
+
+def test_shard_writer_is_byte_identical_to_tarfile(tmp_path):
+    """The fast header path writes exactly what tarfile (USTAR, mtime 0, owner vitdistill) writes."""
+    from vitdistill.cache.tario import TarShardWriter
+
+    rng = np.random.default_rng(0)
+    samples = [(f"d/k{i:03d}" if i % 3 else "p" * 60 + "/" + "x" * 80 + str(i),
+                {"emb.npy": rng.bytes(int(rng.integers(0, 3000))), "cls": b"3", "split.txt": b"train"})
+               for i in range(30)]
+    w = TarShardWriter(str(tmp_path / "ours.tar"))
+    for key, fields in samples:
+        w.write(key, fields)
+    w.close()
+    with open(tmp_path / "ref.tar", "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for key, fields in samples:
+            for field, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "vitdistill", "vitdistill"
+                t.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    assert w.bytes_written == (tmp_path / "ours.tar").stat().st_size
+    long_key = "y" * 150  # too long for USTAR: a PAX header, still readable everywhere
+    w = TarShardWriter(str(tmp_path / "long.tar"))
+    w.write(long_key, {"cls": b"1"})
+    w.close()
+    with tarfile.open(tmp_path / "long.tar") as t:
+        assert t.getnames() == [f"{long_key}.cls"]

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -156,38 +157,55 @@ def _decode(key: str, fields: dict[str, bytes], pil_transform, shard: str) -> np
         raise DataError(f"{shard}: sample {key!r}: cannot decode {field} image ({type(e).__name__}: {e})") from None
 
 
-def _batches(
-    shard: str, transform, batch_size: int, on_error: str, skipped: list[dict]
-) -> Iterator[_Batch]:
-    keys: list[str] = []
-    pixels: list[np.ndarray] = []
-    extras: list[dict[str, bytes]] = []
+def _raw_groups(shard: str, size: int, on_error: str, skipped: list[dict]) -> Iterator[list[tuple[str, dict]]]:
+    """The shard's samples, still encoded, in groups of ``size``."""
+    group: list[tuple[str, dict]] = []
     last_key = None
     try:
         with fs.open_read(shard) as f:
             for key, fields in iter_tar_samples(f, shard):
                 last_key = key
-                try:
-                    x = _decode(key, fields, transform, shard)
-                except DataError as e:
-                    if on_error == "error":
-                        raise
-                    skipped.append({"shard": shard, "key": key, "reason": str(e).split(": ", 2)[-1]})
-                    continue
-                keys.append(key)
-                pixels.append(x)
-                extras.append({k: v for k, v in fields.items() if k in ("cls", "txt", "json")})
-                if len(keys) == batch_size:
-                    yield _Batch(keys, torch.from_numpy(np.stack(pixels)), extras)
-                    keys, pixels, extras = [], [], []
+                group.append((key, fields))
+                if len(group) == size:
+                    yield group
+                    group = []
     except FileNotFoundError:
         raise DataError(f"{shard}: input shard not found") from None
     except UnreadableShardError as e:
         if on_error == "error":
             raise
         skipped.append({"shard": shard, "key": last_key, "reason": str(e).split(": ", 1)[-1]})
-    if keys:
-        yield _Batch(keys, torch.from_numpy(np.stack(pixels)), extras)
+    if group:
+        yield group
+
+
+def _batches(
+    shard: str, pil_transform, batch_size: int, on_error: str, skipped: list[dict], pool: ThreadPoolExecutor
+) -> Iterator[_Batch]:
+    """Decoded batches. Each group is decoded by ``pool`` between forward passes: PIL releases the
+    GIL, so both cores decode while the teacher waits, instead of one decoding while the other idles."""
+
+    def decode(item: tuple[str, dict]) -> np.ndarray | DataError:
+        try:
+            return _decode(item[0], item[1], pil_transform, shard)
+        except DataError as e:
+            return e
+
+    for group in _raw_groups(shard, batch_size, on_error, skipped):
+        keys: list[str] = []
+        pixels: list[np.ndarray] = []
+        extras: list[dict[str, bytes]] = []
+        for (key, fields), x in zip(group, pool.map(decode, group)):
+            if isinstance(x, DataError):
+                if on_error == "error":
+                    raise x
+                skipped.append({"shard": shard, "key": key, "reason": str(x).split(": ", 2)[-1]})
+                continue
+            keys.append(key)
+            pixels.append(x)
+            extras.append({k: v for k, v in fields.items() if k in ("cls", "txt", "json")})
+        if keys:
+            yield _Batch(keys, torch.from_numpy(np.stack(pixels)), extras)
 
 
 def _prefetch(it: Iterator[_Batch], depth: int = 2) -> Iterator[_Batch]:
@@ -315,8 +333,9 @@ def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> di
     t0 = time.perf_counter()
     count = 0
     bar = tqdm(desc=shard.rsplit("/", 1)[-1], unit="img", disable=not progress, leave=False)
+    pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="decode")
     try:
-        batches = _batches(shard, transform, batch_size, plan.on_error, skipped)
+        batches = _batches(shard, transform, batch_size, plan.on_error, skipped, pool)
         # On GPU, decode the next batch on the CPU while the GPU runs this one. On CPU, decoding
         # inline is faster: a decode thread would steal a core (and the GIL) from the forward pass.
         for batch in _prefetch(batches) if teacher.device.type == "cuda" else batches:
@@ -336,6 +355,7 @@ def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> di
         raise
     finally:
         bar.close()
+        pool.shutdown(wait=True)
     seconds = time.perf_counter() - t0
     if sum(p["count"] for p in parts) != count:
         raise CacheError(f"{shard}: wrote {sum(p['count'] for p in parts)} samples, expected {count}")
