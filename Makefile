@@ -25,6 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_linear_probe.py
+	$(BIN)/python benchmarks/bench_probe_teachers.py
+	$(BIN)/python benchmarks/bench_lit.py
+	$(BIN)/python benchmarks/bench_distill.py
 
 clean:
 	rm -rf $(VENV) vitdistill-cache mlflow.db mlruns
