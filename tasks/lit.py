@@ -18,13 +18,9 @@ def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
     """Text tower + heads trained contrastively against cached image embeddings; zero-shot + retrieval."""
     report = run_lit(cache_dir, config.lit)
     tracker = get_tracker(config.tracking)
-    tracker.log_params(run_id, {"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}})
-    tracker.log_history(run_id, report.history)
-    tracker.log_metrics(run_id, report.metrics)
-    for name, fig in report.figures.items():
-        tracker.log_figure(run_id, fig, name)
-    for name, rows in report.tables.items():
-        tracker.log_dict(run_id, rows, f"lit_{name}.json")
+    tracker.log_report(run_id, params={"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}},
+                       metrics=report.metrics, history=report.history, figures=report.figures, tables=report.tables,
+                       table_prefix="lit_")
     model_uri = tracker.log_pytorch_model(run_id, report.model, "text_tower")["model_uri"]
     create_table_artifact(table=[{"metric": k, "value": round(v, 4)} for k, v in report.metrics.items()],
                           key=artifact_key("lit", "metrics"), description="LiT zero-shot and retrieval")

@@ -34,11 +34,8 @@ def compute(probe: ProbeConfig, cache_dir: str, content_sha256: str) -> dict:
 def log(config: VitdistillConfig, run_id: str, cache_dir: str, report: dict) -> dict:
     r = ProbeReport(**report)
     tracker = get_tracker(config.tracking)
-    tracker.log_params(run_id, {"cache_dir": cache_dir, **{f"split_{k}": v for k, v in r.split_sizes.items()}})
-    tracker.log_metrics(run_id, r.metrics)
-    for name, fig in r.figures().items():
-        tracker.log_figure(run_id, fig, name)
+    tracker.log_report(run_id, params={"cache_dir": cache_dir, **{f"split_{k}": v for k, v in r.split_sizes.items()}},
+                       metrics=r.metrics, figures=r.figures(), tables=r.tables)
     for name, rows in r.tables.items():
-        tracker.log_dict(run_id, rows, f"{name}.json")
         create_table_artifact(table=rows, key=artifact_key("probe", name), description=f"probe: {name}")
     return StageResult("probe", "ok", r.headline, r.metrics, {"cache_dir": cache_dir}, run_id).to_dict()

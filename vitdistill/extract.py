@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -48,7 +48,7 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class ExtractionPlan:
+class ExtractionPlan(fs.ShardedCachePlan):
     """Everything a shard task needs; small and JSON-serialisable (tasks pass it, not tensors)."""
 
     cache_dir: str
@@ -64,20 +64,6 @@ class ExtractionPlan:
     shard_bytes: int
     on_error: str
     verify: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ExtractionPlan:
-        return cls(**d)
-
-    @property
-    def manifest_url(self) -> str:
-        return fs.join(self.cache_dir, "manifest.json")
-
-    def record_url(self, index: int) -> str:
-        return fs.join(self.cache_dir, "records", f"{index:05d}.json")
 
 
 def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:

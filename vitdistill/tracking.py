@@ -101,6 +101,19 @@ class Tracker:
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, local_path, artifact_path)
 
+    def log_report(self, run_id: str, *, params: dict[str, Any], metrics: dict[str, float],
+                   history: list[dict[str, Any]] = (), figures: dict[str, Any] | None = None,
+                   tables: dict[str, list[dict]] | None = None, table_prefix: str = "") -> None:
+        """What every stage logs: params, per-epoch curves, metrics, figures (PNG) and tables (JSON)."""
+        self.log_params(run_id, params)
+        if history:
+            self.log_history(run_id, list(history))
+        self.log_metrics(run_id, metrics)
+        for name, fig in (figures or {}).items():
+            self.log_figure(run_id, fig, name)
+        for name, rows in (tables or {}).items():
+            self.log_dict(run_id, rows, f"{table_prefix}{name}.json")
+
     def log_pytorch_model(self, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
                           version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
         """Log a torch module as an MLflow model of ``run_id``, optionally registered with ``version_tags``;

@@ -165,3 +165,26 @@ def remove_stale_tmp(dir_url: str, older_than_s: float = 3600.0) -> int:
             except FileNotFoundError:
                 pass
     return n
+
+
+class ShardedCachePlan:
+    """Helpers shared by the plans of sharded caches (dataclasses with a ``cache_dir``): JSON
+    round-trip, and where the manifest and the per-input-shard records live."""
+
+    cache_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        return cls(**d)
+
+    @property
+    def manifest_url(self) -> str:
+        return join(self.cache_dir, "manifest.json")
+
+    def record_url(self, index: int) -> str:
+        return join(self.cache_dir, "records", f"{index:05d}.json")

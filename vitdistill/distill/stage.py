@@ -271,16 +271,11 @@ def log_report(tracker, run_id: str, report: DistillReport, cfg: VitdistillConfi
     """Everything a distill run shows in MLflow: params, per-epoch curves, metrics, figures, tables, and
     the student as an MLflow model, registered (``distill.register_as``) with its metrics as version tags."""
     d = cfg.distill
-    tracker.log_params(run_id, {"student": cfg.student.name, "teacher": cfg.teacher.name, "mode": d.mode,
-                                "nproc": d.nproc, "checkpoint_dir": report.checkpoint_dir,
-                                "view_cache_dir": report.view_cache_dir,
-                                **{f"split_{k}": v for k, v in report.split_sizes.items()}})
-    tracker.log_history(run_id, report.history)
-    tracker.log_metrics(run_id, report.metrics)
-    for name, fig in report.figures.items():
-        tracker.log_figure(run_id, fig, name)
-    for name, rows in report.tables.items():
-        tracker.log_dict(run_id, rows, f"distill_{name}.json")
+    params = {"student": cfg.student.name, "teacher": cfg.teacher.name, "mode": d.mode, "nproc": d.nproc,
+              "checkpoint_dir": report.checkpoint_dir, "view_cache_dir": report.view_cache_dir,
+              **{f"split_{k}": v for k, v in report.split_sizes.items()}}
+    tracker.log_report(run_id, params=params, metrics=report.metrics, history=report.history, figures=report.figures,
+                       tables=report.tables, table_prefix="distill_")
     keep = ("student_top1", "teacher_top1", "agreement", "kl", "student_params", "student_gflops")
     logged = tracker.log_pytorch_model(run_id, report.model, "student", registered_model_name=d.register_as,
                                        version_tags={k: round(report.metrics[k], 6) for k in keep if k in report.metrics})

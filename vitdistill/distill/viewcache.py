@@ -64,7 +64,7 @@ def teacher_spec(teacher: Teacher, size: int | None) -> InputSpec:
 
 
 @dataclass
-class ViewCachePlan:
+class ViewCachePlan(fs.ShardedCachePlan):
     """Everything a shard task needs; small and JSON-serialisable."""
 
     cache_dir: str
@@ -78,19 +78,6 @@ class ViewCachePlan:
     dtype: str
     on_error: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViewCachePlan:
-        return cls(**d)
-
-    @property
-    def manifest_url(self) -> str:
-        return fs.join(self.cache_dir, "manifest.json")
-
-    def record_url(self, index: int) -> str:
-        return fs.join(self.cache_dir, "records", f"{index:05d}.json")
 
     def shard_name(self, index: int) -> str:
         return f"views-{index:05d}.tar"
