@@ -391,3 +391,22 @@ def test_shard_writer_is_byte_identical_to_tarfile(tmp_path):
     w.close()
     with tarfile.open(tmp_path / "long.tar") as t:
         assert t.getnames() == [f"{long_key}.cls"]
+
+
+def test_two_concurrent_extractions_into_one_cache(tmp_path):
+    """Two processes extract the same cache at once: a valid cache, every key once, no torn shard."""
+    sets = [f"cache.root={tmp_path}/cache", "data.limit=160", "data.shard_samples=20", "teacher.batch_size=8"]
+    script = tmp_path / "x.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    from vitdistill.config import load_config
+
+    run_extract(load_config(None, sets + ["data.limit=1"]))  # ingest + teacher warm in this process only
+    procs = [subprocess.Popen([sys.executable, str(script), *sets], env=env) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    _, manifest, fc = run_extract(load_config(None, sets))
+    assert manifest["stats"]["shards_reused"] == 8
+    fc.verify()  # every shard matches the sha256 its record (and the manifest) states
+    keys = [s["key"] for s in fc.iter_samples()]
+    assert len(keys) == 160 and len(set(keys)) == 160
+    assert not list((tmp_path / "cache" / "features").glob("*/.tmp-*"))

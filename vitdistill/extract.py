@@ -304,10 +304,22 @@ def _sample_fields(plan: ExtractionPlan, key: str, emb: np.ndarray, logits: np.n
 
 
 def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> dict:
-    """Extract input shard ``index``; returns its record (reused if already done)."""
+    """Extract input shard ``index``; returns its record (reused if already done).
+
+    A per-shard lock makes concurrent runs into the same cache take turns: the second one waits,
+    then finds the first one's shard and record and reuses them, so a shard and its record always
+    come from the same writer."""
     done = load_record(plan, index)
     if done is not None:
         return {**done, "reused": True}
+    with fs.exclusive(plan.lock_url(index)):
+        done = load_record(plan, index)
+        if done is not None:
+            return {**done, "reused": True}
+        return _extract_shard(plan, index, progress)
+
+
+def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
     shard = plan.inputs[index]
     teacher: Teacher = create_teacher(TeacherConfig.model_validate(plan.teacher_cfg))
     transform = teacher.pil_transform()

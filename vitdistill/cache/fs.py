@@ -167,6 +167,28 @@ def remove_stale_tmp(dir_url: str, older_than_s: float = 3600.0) -> int:
     return n
 
 
+@contextmanager
+def exclusive(lock_url: str) -> Iterator[None]:
+    """Hold an exclusive lock on a local lock file (``flock``; released if the holder dies).
+
+    On object stores this is a no-op: there a single PUT publishes a whole object, and records are
+    written after their shards, so concurrent writers can only replace a shard with an equal one.
+    """
+    if is_remote(lock_url):
+        yield
+        return
+    import fcntl
+
+    _, path = get_fs(lock_url)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 class ShardedCachePlan:
     """Helpers shared by the plans of sharded caches (dataclasses with a ``cache_dir``): JSON
     round-trip, and where the manifest and the per-input-shard records live."""
@@ -188,3 +210,6 @@ class ShardedCachePlan:
 
     def record_url(self, index: int) -> str:
         return join(self.cache_dir, "records", f"{index:05d}.json")
+
+    def lock_url(self, index: int) -> str:
+        return join(self.cache_dir, "records", f"{index:05d}.lock")
