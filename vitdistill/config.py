@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitdistill.errors import ConfigError
 
@@ -24,6 +24,19 @@ class Section(BaseModel):
     """A config section: unknown keys and wrong types are errors, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_uri(value: str | None) -> str | None:
+    """Reject URI schemes fsspec does not know (``foo://``), naming the scheme and the known ones."""
+    if value and "://" in value:
+        from fsspec.registry import known_implementations, registry
+
+        scheme = value.split("://", 1)[0].lower()
+        known = set(known_implementations) | set(registry)
+        if scheme not in known:
+            common = ", ".join(s for s in ("file", "s3", "gs", "az", "hf", "memory") if s in known)
+            raise ValueError(f"unsupported URI scheme {scheme!r} in {value!r} (supported include {common})")
+    return value
 
 
 class DataConfig(Section):
@@ -45,6 +58,8 @@ class DataConfig(Section):
     on_error: Literal["error", "skip"] = Field(
         "error", description="corrupt/missing images: fail naming shard and key, or skip and count them"
     )
+
+    _uri = field_validator("path")(lambda cls, v: check_uri(v))
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -76,6 +91,8 @@ class CacheConfig(Section):
     )
     logits_topk: int | None = Field(None, ge=1, description="store only the top-k logits (and their indices)")
     verify: bool = Field(False, description="re-hash finished shards on resume instead of trusting size + record")
+
+    _uri = field_validator("root")(lambda cls, v: check_uri(v))
 
 
 class ProbeConfig(Section):
