@@ -410,3 +410,12 @@ def test_two_concurrent_extractions_into_one_cache(tmp_path):
     keys = [s["key"] for s in fc.iter_samples()]
     assert len(keys) == 160 and len(set(keys)) == 160
     assert not list((tmp_path / "cache" / "features").glob("*/.tmp-*"))
+
+
+def test_keys_with_dots_are_refused_by_the_writer(tmp_path):
+    from vitdistill.cache.tario import TarShardWriter
+
+    w = TarShardWriter(str(tmp_path / "x.tar"))
+    with pytest.raises(DataError, match="'img.0' contains a dot"):
+        w.write("img.0", {"cls": b"1"})
+    w.close()
