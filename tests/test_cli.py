@@ -67,6 +67,12 @@ def test_list_registries(cli_env, tmp_path):
     assert r.returncode == 0 and "effnet_lite0_imagenet" in r.stdout and "timm" in r.stdout
     r = cli(["list", "datasets"], cli_env, tmp_path)
     assert all(n in r.stdout for n in ("digits", "shapes", "folder", "wds"))
+    r = cli(["list", "students"], cli_env, tmp_path)
+    assert "vit22b_tiny" in r.stdout
+    r = cli(["list", "text-towers"], cli_env, tmp_path)
+    assert "minilm" in r.stdout and "scratch" in r.stdout
+    r = cli(["list", "losses"], cli_env, tmp_path)
+    assert "kd" in r.stdout and "softmax" in r.stdout
 
 
 def test_bad_input_during_a_run_is_one_line(cli_env, tmp_path):

@@ -334,6 +334,35 @@ def list_datasets_cmd() -> None:
         out.print(n)
 
 
+@list_app.command("students")
+def list_students_cmd() -> None:
+    """Registered students (any timm model name works too)."""
+    from vitdistill.distill.students import list_students
+
+    for n in list_students():
+        out.print(n)
+    out.print("[dim]... or any timm model name[/]")
+
+
+@list_app.command("text-towers")
+def list_text_towers_cmd() -> None:
+    """LiT text towers for lit.text_tower."""
+    from vitdistill.lit import list_text_towers
+
+    for n in list_text_towers():
+        out.print(n)
+
+
+@list_app.command("losses")
+def list_losses_cmd() -> None:
+    """Distillation loss terms (distill.losses) and LiT losses (lit.loss)."""
+    from vitdistill.distill.losses import list_losses
+    from vitdistill.lit import list_lit_losses
+
+    out.print("distill.losses: " + ", ".join(list_losses()))
+    out.print("lit.loss:       " + ", ".join(list_lit_losses()))
+
+
 @list_app.command("stages")
 def list_stages_cmd() -> None:
     """Pipeline stages and what each needs first."""
