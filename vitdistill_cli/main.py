@@ -196,7 +196,7 @@ _stage_command("extract", "Extract teacher features into the sharded webdataset 
 _stage_command("probe", "Linear, few-shot and kNN probes on the cached features (extracts first if needed).")
 _stage_command("lit", "LiT: align a text tower to the locked image features; zero-shot and retrieval eval.")
 _stage_command("distill", "Distil the teacher into a small student, online or from cached teacher outputs.")
-_stage_command("evaluate", "Shape bias, robustness, calibration and subgroup-gap evaluations.")
+_stage_command("evaluate", "Shape bias, robustness, calibration and subgroup-gap evaluations (not built yet: issue #9; runs extract and reports it).")
 
 
 

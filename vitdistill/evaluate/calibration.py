@@ -1,0 +1,146 @@
+"""Calibration: expected and maximum calibration error, NLL and a reliability diagram.
+
+ECE follows Guo et al. ("On Calibration of Modern Neural Networks"): the top-1 confidences are
+put in ``num_bins`` equal-width bins ``((m-1)/M, m/M]`` and
+``ECE = sum_m |B_m| / N * |acc(B_m) - conf(B_m)|``; MCE is the largest ``|acc - conf|`` over
+non-empty bins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from vitdistill.errors import DataError
+from vitdistill.evaluate.base import (
+    EVALUATORS,
+    Classifier,
+    Evaluator,
+    check_images,
+    check_label_range,
+    check_labels,
+    predict_logits,
+)
+
+NUM_BINS = 15  # the usual choice since Guo et al. 2017
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (N, C) logits, stable for large values."""
+    shifted = logits - logits.max(axis=1, keepdims=True)  # (N, C)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics, each ``(num_bins,)``; empty bins have count 0 and NaN accuracy/confidence."""
+
+    edges: np.ndarray  # (num_bins + 1,)
+    count: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+
+
+def check_probabilities(probs: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    """``probs`` (N, C) rows on the simplex and ``labels`` (N,) in range, else DataError."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise DataError(f"probs: shape {p.shape}; expected (N, C) with N >= 1")
+    if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
+        raise DataError("probs: rows are not probability vectors; expected non-negative rows summing to 1")
+    y = check_labels(labels, p.shape[0])
+    check_label_range(y, p.shape[1])
+    return p, y
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, num_bins: int = NUM_BINS) -> ReliabilityBins:
+    """Bin top-1 confidence into ``num_bins`` equal-width bins ``((m-1)/M, m/M]``."""
+    probs, labels = check_probabilities(probs, labels)
+    confidence = probs.max(axis=1)  # (N,)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)  # (N,)
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)  # (N,)
+    count = np.bincount(index, minlength=num_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(index, weights=correct, minlength=num_bins) / count
+        conf = np.bincount(index, weights=confidence, minlength=num_bins) / count
+    return ReliabilityBins(edges=edges, count=count, accuracy=acc, confidence=conf)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = NUM_BINS) -> float:
+    """Count-weighted mean of ``|accuracy - confidence|`` over the bins."""
+    bins = reliability_bins(probs, labels, num_bins)
+    used = bins.count > 0
+    gaps = np.abs(bins.accuracy[used] - bins.confidence[used])
+    return float(np.sum(bins.count[used] * gaps) / bins.count.sum())
+
+
+def max_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: int = NUM_BINS) -> float:
+    """Largest ``|accuracy - confidence|`` over non-empty bins."""
+    bins = reliability_bins(probs, labels, num_bins)
+    used = bins.count > 0
+    return float(np.max(np.abs(bins.accuracy[used] - bins.confidence[used])))
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean ``-log softmax(logits)[label]`` (nats)."""
+    logp = log_softmax(np.asarray(logits, dtype=np.float64))  # (N, C)
+    return float(-np.mean(logp[np.arange(len(labels)), labels]))
+
+
+def reliability_figure(bins: ReliabilityBins, title: str = "reliability") -> Figure:
+    """Accuracy per confidence bin against the diagonal, with the gap shaded; built without pyplot."""
+    fig = Figure(figsize=(4.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = np.diff(bins.edges)  # (M,)
+    centres = bins.edges[:-1] + width / 2
+    used = bins.count > 0
+    ax.bar(centres[used], bins.accuracy[used], width=width[used], edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(
+        centres[used],
+        bins.confidence[used] - bins.accuracy[used],
+        bottom=bins.accuracy[used],
+        width=width[used],
+        color="tab:red",
+        alpha=0.3,
+        label="gap",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+@EVALUATORS.register("calibration")
+class CalibrationEvaluator(Evaluator):
+    """Yields ``ece``, ``mce``, ``nll``, ``accuracy``; ``figures()`` gives ``{"reliability": Figure}``."""
+
+    def __init__(self, num_bins: int = NUM_BINS, batch_size: int | None = None) -> None:
+        self.num_bins = num_bins
+        self.batch_size = batch_size
+        self._figures: dict[str, Figure] = {}
+
+    def run(
+        self, classifier: Classifier, images: np.ndarray, labels: np.ndarray, **extra: Any
+    ) -> Iterator[tuple[str, float]]:
+        images = check_images(images)
+        labels = check_labels(labels, images.shape[0])
+        logits = predict_logits(classifier, images, self.batch_size)  # (N, C)
+        check_label_range(labels, logits.shape[1])
+        probs = np.exp(log_softmax(logits))  # (N, C)
+        bins = reliability_bins(probs, labels, self.num_bins)
+        ece = expected_calibration_error(probs, labels, self.num_bins)
+        self._figures = {"reliability": reliability_figure(bins, title=f"reliability (ECE {ece:.3f})")}
+        yield "ece", ece
+        yield "mce", max_calibration_error(probs, labels, self.num_bins)
+        yield "nll", negative_log_likelihood(logits, labels)
+        yield "accuracy", float(np.mean(probs.argmax(axis=1) == labels))
+
+    def figures(self) -> dict[str, Figure]:
+        return dict(self._figures)
