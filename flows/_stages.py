@@ -15,7 +15,7 @@ from prefect import flow, unmapped
 from tasks import extract as extract_tasks
 from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import OrchestrationConfig, VitdistillConfig
-from vitdistill.stages import NOT_BUILT, StageResult, stages_to_run
+from vitdistill.stages import StageResult, stages_to_run
 from vitdistill.tracking import get_tracker
 
 
@@ -90,14 +90,18 @@ def distill_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResu
         return StageResult("distill", "disabled", message="distill.enabled is false")
     with stage_run(config, "distill", parent) as run_id:
         result = distill_tasks.distill(config, run_id)
+    ctx["student_uri"] = result["paths"].get("student")
     return StageResult(**result)
 
 
-def not_built(stage: str) -> Callable[[VitdistillConfig, str, dict], StageResult]:
-    def run(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
-        return StageResult(stage, "not built", message=NOT_BUILT[stage])
+def evaluate_stage(config: VitdistillConfig, parent: str, ctx: dict) -> StageResult:
+    from tasks import evaluate as evaluate_tasks
 
-    return run
+    if not config.evaluate.enabled:
+        return StageResult("evaluate", "disabled", message="evaluate.enabled is false")
+    with stage_run(config, "evaluate", parent) as run_id:
+        result = evaluate_tasks.evaluate(config, run_id, ctx["cache_dir"], ctx.get("student_uri"))
+    return StageResult(**result)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[VitdistillConfig, str, dict], StageResult]] = {
@@ -105,7 +109,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[VitdistillConfig, str, dict], StageResult]]
     "probe": probe_stage,
     "lit": lit_stage,
     "distill": distill_stage,
-    "evaluate": not_built("evaluate"),
+    "evaluate": evaluate_stage,
 }
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -263,7 +262,7 @@ def test_pickle_fields_are_refused(make_cfg, tmp_path, field):
     d.mkdir()
     with wds.TarWriter(str(d / "p.tar")) as w:
         w.write({"__key__": "k1", "png": png_bytes(1), field: b"\x80\x04N."})
-    with pytest.raises(DataError, match=f"pickle"):
+    with pytest.raises(DataError, match="pickle"):
         run_extract(make_cfg("data.source=wds", f"data.path={d}/p.tar", "data.on_error=skip"))
 
 

@@ -221,6 +221,15 @@ class DistillConfig(Section):
 
 class EvaluateConfig(Section):
     enabled: bool = True
+    evaluators: list[str] = Field(
+        default_factory=lambda: ["calibration", "robustness", "subgroup", "shape_bias"],
+        description="evaluator registry entries (shape_bias runs on data.source=shapes only)",
+    )
+    image_size: int = Field(32, ge=8, le=512, description="test images are resized to this side before corruptions")
+    max_images: int = Field(200, ge=10, description="test images evaluated (each is seen ~30x by robustness)")
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="corruption severities")
+    group_by: str = Field("auto", description="subgroups: class, an attribute (e.g. colour), or auto")
+    cue_conflict_images: int = Field(216, ge=36, description="shape-bias cue-conflict images (36 per full cycle)")
 
 
 class TrackingConfig(Section):

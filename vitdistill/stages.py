@@ -1,7 +1,6 @@
 """What each stage reports back: small, JSON-serialisable results (never tensors).
 
-The pipeline's stages, in order, with the stages each one needs first. A stage that has not
-been built yet is reported as such; it is never faked.
+The pipeline's stages, in order, with the stages each one needs first.
 """
 
 from __future__ import annotations
@@ -16,9 +15,6 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {
     "lit": ("extract",),
     "distill": ("extract",),
     "evaluate": ("extract", "probe", "distill"),
-}
-NOT_BUILT: dict[str, str] = {
-    "evaluate": "shape-bias/robustness/calibration evaluators land with issue #9",
 }
 
 

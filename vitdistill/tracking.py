@@ -136,6 +136,14 @@ class Tracker:
                 self.client.set_model_version_tag(registered_model_name, out["version"], k, str(v))
         return out
 
+    def load_pytorch_model(self, model_uri: str) -> Any:
+        """A model this project logged (``log_pytorch_model``), from this tracking server."""
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
     def log_history(self, run_id: str, history: list[dict[str, Any]], step_key: str = "epoch") -> None:
         """Per-epoch rows as metric curves (``train_loss`` at step ``epoch``, ...)."""
         import time

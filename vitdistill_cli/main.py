@@ -196,7 +196,7 @@ _stage_command("extract", "Extract teacher features into the sharded webdataset 
 _stage_command("probe", "Linear, few-shot and kNN probes on the cached features (extracts first if needed).")
 _stage_command("lit", "LiT: align a text tower to the locked image features; zero-shot and retrieval eval.")
 _stage_command("distill", "Distil the teacher into a small student, online or from cached teacher outputs.")
-_stage_command("evaluate", "Shape bias, robustness, calibration and subgroup-gap evaluations (not built yet: issue #9; runs extract and reports it).")
+_stage_command("evaluate", "Calibration, robustness, subgroup gaps and shape bias for teacher (probe) and student.")
 
 
 
@@ -366,11 +366,10 @@ def list_losses_cmd() -> None:
 @list_app.command("stages")
 def list_stages_cmd() -> None:
     """Pipeline stages and what each needs first."""
-    from vitdistill.stages import DEPENDS_ON, NOT_BUILT
+    from vitdistill.stages import DEPENDS_ON
 
     for s, deps in DEPENDS_ON.items():
-        note = f"  [yellow](not built: {NOT_BUILT[s]})[/]" if s in NOT_BUILT else ""
-        out.print(f"{s}  <- {', '.join(deps) or '-'}{note}")
+        out.print(f"{s}  <- {', '.join(deps) or '-'}")
 
 
 def main() -> None:

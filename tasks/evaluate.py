@@ -1,0 +1,26 @@
+"""The evaluate stage as a Prefect task: teacher (probe) and student through every evaluator."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks._common import artifact_key
+from vitdistill.config import VitdistillConfig
+from vitdistill.evaluate.stage import run_evaluate
+from vitdistill.stages import StageResult
+from vitdistill.tracking import get_tracker
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(config: VitdistillConfig, run_id: str, cache_dir: str, student_uri: str | None) -> dict:
+    """Calibration, robustness, subgroup gaps (and shape bias on shapes) for teacher and student."""
+    tracker = get_tracker(config.tracking)
+    student = tracker.load_pytorch_model(student_uri) if student_uri else None
+    report = run_evaluate(config, cache_dir, student)
+    tracker.log_report(run_id, params={"cache_dir": cache_dir, "student_uri": student_uri or "-"},
+                       metrics=report.metrics, figures=report.figures, tables=report.tables)
+    for name, rows in report.tables.items():
+        create_table_artifact(table=rows, key=artifact_key("evaluate", name), description=report.headline)
+    return StageResult("evaluate", "ok", report.headline, report.metrics, {"cache_dir": cache_dir}, run_id).to_dict()

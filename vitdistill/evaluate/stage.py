@@ -1,0 +1,176 @@
+"""The evaluate stage: the teacher (a linear probe on its frozen features) and the distilled student,
+side by side, through the configured evaluators on the test split.
+
+    report = run_evaluate(cfg, cache_dir, student=model_or_None)
+    report.metrics["teacher/calibration/ece"], report.metrics["student/robustness/mean_relative_drop"]
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vitdistill.cache import fs
+from vitdistill.cache.reader import FeatureCache
+from vitdistill.cache.tario import iter_tar_samples
+from vitdistill.config import VitdistillConfig
+from vitdistill.data.datasets import IMAGE_FIELDS
+from vitdistill.data.ingest import resolve_inputs
+from vitdistill.data.splits import assign_split
+from vitdistill.errors import DataError
+from vitdistill.evaluate import create_evaluator
+from vitdistill.evaluate.shape_bias import cue_conflict_arrays
+from vitdistill.models.teachers import Teacher, create_teacher
+
+
+class TeacherProbe:
+    """Teacher embedding -> multinomial logistic regression fitted on the cached train+val features."""
+
+    def __init__(self, teacher: Teacher, cache_dir: str, num_classes: int) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        fc = FeatureCache.open(cache_dir)
+        parts = [fc.load(s) for s in ("train", "val")]
+        x = _l2(np.concatenate([p["emb"] for p in parts]))
+        y = np.concatenate([p["cls"] for p in parts])
+        clf = LogisticRegression(max_iter=500).fit(x, y)
+        self.w = np.zeros((num_classes, x.shape[1]), dtype=np.float32)
+        self.b = np.full(num_classes, -1e4, dtype=np.float32)  # classes absent from train never win
+        self.w[clf.classes_], self.b[clf.classes_] = clf.coef_, clf.intercept_
+        self.teacher, self.pil = teacher, teacher.pil_transform()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:  # (N, H, W, 3) uint8 -> (N, C)
+        out = []
+        for i in range(0, len(images), 64):
+            px = np.stack([np.asarray(self.pil(Image.fromarray(im))) for im in images[i:i + 64]])
+            emb, _ = self.teacher(self.teacher.normalize_uint8(torch.from_numpy(px)))
+            out.append(_l2(emb.cpu().numpy()) @ self.w.T + self.b)
+        return np.concatenate(out)
+
+
+class StudentClassifier:
+    """The distilled student's task head, at its own resolution and normalisation."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        m, out = self.model, []
+        mean = torch.tensor(m.mean).view(1, 3, 1, 1)
+        std = torch.tensor(m.std).view(1, 3, 1, 1)
+        for i in range(0, len(images), 256):
+            x = torch.from_numpy(images[i:i + 256]).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
+            x = F.interpolate(x, size=(m.img_size, m.img_size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(m((x - mean) / std)["logits"].float().numpy())
+        return np.concatenate(out)
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class TestImages:
+    images: np.ndarray  # (N, S, S, 3) uint8
+    labels: np.ndarray  # (N,)
+    groups: np.ndarray  # (N,) str, the subgroup of each image
+    group_by: str
+
+
+def load_test_images(cfg: VitdistillConfig) -> TestImages:
+    """The test split's images (same split rule as the cache), resized to ``evaluate.image_size``."""
+    e, d = cfg.evaluate, cfg.data
+    size = e.image_size
+    imgs, labels, metas = [], [], []
+    for url in resolve_inputs(cfg, progress=False).shards:
+        with fs.open_read(url) as f:
+            for key, fields in iter_tar_samples(f, url):
+                if assign_split(key, d.seed, d.val_fraction, d.test_fraction) != "test" or "cls" not in fields:
+                    continue
+                field_ = next((k for k in IMAGE_FIELDS if k in fields), None)
+                if field_ is None:
+                    continue
+                try:
+                    with Image.open(io.BytesIO(fields[field_])) as im:
+                        imgs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+                except Exception:  # evaluation skips what extraction already reported
+                    continue
+                labels.append(int(fields["cls"]))
+                metas.append(fields.get("json"))
+                if len(imgs) >= e.max_images:
+                    break
+        if len(imgs) >= e.max_images:
+            break
+    if not imgs:
+        raise DataError("evaluate: the test split has no labelled images")
+    group_by = e.group_by
+    if group_by == "auto":
+        group_by = "colour" if all(metas) else "class"
+    if group_by == "class":
+        groups = np.array([str(y) for y in labels])
+    else:
+        import json
+
+        try:
+            groups = np.array([str(json.loads(m)[group_by]) for m in metas])
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"evaluate.group_by={group_by!r}: not an attribute of every test sample") from None
+    return TestImages(np.stack(imgs), np.array(labels), groups, group_by)
+
+
+@dataclass
+class EvaluateReport:
+    metrics: dict[str, float]
+    figures: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    headline: str = ""
+
+
+def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module | None = None) -> EvaluateReport:
+    data = load_test_images(cfg)
+    fc = FeatureCache.open(cache_dir)
+    num_classes = len(fc.classes) if fc.classes else int(data.labels.max()) + 1
+    models: dict[str, Any] = {"teacher": TeacherProbe(create_teacher(cfg.teacher), cache_dir, num_classes)}
+    if student is not None:
+        models["student"] = StudentClassifier(student)
+    shapes = cfg.data.source == "shapes"
+    metrics: dict[str, float] = {}
+    figures: dict[str, Any] = {}
+    for who, clf in models.items():
+        for name in cfg.evaluate.evaluators:
+            if name == "shape_bias":
+                if not shapes:
+                    continue  # cue-conflict images exist for the shapes classes only
+                ev = create_evaluator(name)
+                imgs, s_lab, t_lab = cue_conflict_arrays(cfg.evaluate.cue_conflict_images, seed=cfg.data.seed,
+                                                         size=cfg.data.image_size)
+                pairs = ev.run(clf, imgs, s_lab, texture_labels=t_lab)
+            elif name == "robustness":
+                ev = create_evaluator(name, severities=tuple(cfg.evaluate.severities), seed=cfg.data.seed)
+                pairs = ev.run(clf, data.images, data.labels)
+            elif name == "subgroup":
+                ev = create_evaluator(name)
+                pairs = ev.run(clf, data.images, data.labels, groups=data.groups)
+            else:
+                ev = create_evaluator(name)
+                pairs = ev.run(clf, data.images, data.labels)
+            metrics.update({f"{who}/{name}/{k}": float(v) for k, v in pairs})
+            figures.update({f"{who}_{name}_{k}.png": fig for k, fig in ev.figures().items()})
+    keys = sorted({k.split("/", 1)[1] for k in metrics})
+    table = [{"metric": k, **{who: round(metrics.get(f"{who}/{k}", float("nan")), 4) for who in models}} for k in keys]
+    parts = []
+    for who in models:
+        ece = metrics.get(f"{who}/calibration/ece")
+        drop = metrics.get(f"{who}/robustness/mean_relative_drop")
+        bits = [f"ECE {ece:.3f}" if ece is not None else "", f"corruption drop {drop:.2f}" if drop is not None else ""]
+        if f"{who}/shape_bias/shape_bias" in metrics:
+            bits.append(f"shape bias {metrics[f'{who}/shape_bias/shape_bias']:.2f}")
+        parts.append(f"{who}: " + ", ".join(b for b in bits if b))
+    return EvaluateReport(metrics, figures, {"teacher_vs_student": table}, "; ".join(parts))
