@@ -30,7 +30,7 @@ def test_evaluate_stage_on_shapes_with_teacher_and_student(make_cfg):
                    "evaluate.severities=[1,3]", "evaluate.cue_conflict_images=36")
     plan, _ = extract(cfg, resolve_inputs(cfg, progress=False), progress=False)
     test = load_test_images(cfg)
-    assert test.group_by == "colour" and test.images.dtype == np.uint8 and test.images.shape[1:] == (32, 32, 3)
+    assert test.group_by == "colour" and test.images.dtype == np.uint8 and test.images.shape[1:] == (64, 64, 3)
     report = run_evaluate(cfg, plan.cache_dir, TinyStudent())
     m = report.metrics
     for who in ("teacher", "student"):

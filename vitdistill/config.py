@@ -225,7 +225,10 @@ class EvaluateConfig(Section):
         default_factory=lambda: ["calibration", "robustness", "subgroup", "shape_bias"],
         description="evaluator registry entries (shape_bias runs on data.source=shapes only)",
     )
-    image_size: int = Field(32, ge=8, le=512, description="test images are resized to this side before corruptions")
+    image_size: int | None = Field(
+        None, ge=8, le=512, description="resize test images to this side; none: native size (the distribution the "
+        "probe and student were trained on), or 64 when test images differ in size",
+    )
     max_images: int = Field(200, ge=10, description="test images evaluated (each is seen ~30x by robustness)")
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="corruption severities")
     group_by: str = Field("auto", description="subgroups: class, an attribute (e.g. colour), or auto")

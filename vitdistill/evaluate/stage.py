@@ -30,17 +30,22 @@ from vitdistill.models.teachers import Teacher, create_teacher
 
 
 class TeacherProbe:
-    """Teacher embedding -> multinomial logistic regression fitted on the cached train+val features."""
+    """Teacher embedding -> multinomial logistic regression on the cached features, with the probe
+    stage's protocol: the inverse penalty ``C`` chosen on val, then refitted on train+val."""
+
+    C_GRID = (0.1, 1.0, 10.0, 100.0)
 
     def __init__(self, teacher: Teacher, cache_dir: str, num_classes: int) -> None:
         from sklearn.linear_model import LogisticRegression
 
         fc = FeatureCache.open(cache_dir)
-        parts = [fc.load(s) for s in ("train", "val")]
-        x = _l2(np.concatenate([p["emb"] for p in parts]))
-        y = np.concatenate([p["cls"] for p in parts])
-        clf = LogisticRegression(max_iter=500).fit(x, y)
-        self.w = np.zeros((num_classes, x.shape[1]), dtype=np.float32)
+        tr, va = fc.load("train"), fc.load("val")
+        xtr, xva = _l2(tr["emb"]), _l2(va["emb"])
+        self.chosen_c = max(self.C_GRID, key=lambda c: LogisticRegression(C=c, max_iter=1000).fit(xtr, tr["cls"])
+                            .score(xva, va["cls"]))
+        clf = LogisticRegression(C=self.chosen_c, max_iter=1000).fit(np.concatenate([xtr, xva]),
+                                                                     np.concatenate([tr["cls"], va["cls"]]))
+        self.w = np.zeros((num_classes, xtr.shape[1]), dtype=np.float32)
         self.b = np.full(num_classes, -1e4, dtype=np.float32)  # classes absent from train never win
         self.w[clf.classes_], self.b[clf.classes_] = clf.coef_, clf.intercept_
         self.teacher, self.pil = teacher, teacher.pil_transform()
@@ -85,9 +90,8 @@ class TestImages:
 
 
 def load_test_images(cfg: VitdistillConfig) -> TestImages:
-    """The test split's images (same split rule as the cache), resized to ``evaluate.image_size``."""
+    """The test split's images (same split rule as the cache), at native size unless ``evaluate.image_size``."""
     e, d = cfg.evaluate, cfg.data
-    size = e.image_size
     imgs, labels, metas = [], [], []
     for url in resolve_inputs(cfg, progress=False).shards:
         with fs.open_read(url) as f:
@@ -99,7 +103,8 @@ def load_test_images(cfg: VitdistillConfig) -> TestImages:
                     continue
                 try:
                     with Image.open(io.BytesIO(fields[field_])) as im:
-                        imgs.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+                        rgb = im.convert("RGB")
+                        imgs.append(rgb if e.image_size is None else rgb.resize((e.image_size,) * 2, Image.BILINEAR))
                 except Exception:  # evaluation skips what extraction already reported
                     continue
                 labels.append(int(fields["cls"]))
@@ -110,6 +115,9 @@ def load_test_images(cfg: VitdistillConfig) -> TestImages:
             break
     if not imgs:
         raise DataError("evaluate: the test split has no labelled images")
+    if len({im.size for im in imgs}) > 1:  # mixed sizes (an image folder): one side for every evaluator
+        imgs = [im.resize((64, 64), Image.BILINEAR) for im in imgs]
+    arrays = [np.asarray(im) for im in imgs]
     group_by = e.group_by
     if group_by == "auto":
         group_by = "colour" if all(metas) else "class"
@@ -122,7 +130,7 @@ def load_test_images(cfg: VitdistillConfig) -> TestImages:
             groups = np.array([str(json.loads(m)[group_by]) for m in metas])
         except (TypeError, KeyError, ValueError):
             raise DataError(f"evaluate.group_by={group_by!r}: not an attribute of every test sample") from None
-    return TestImages(np.stack(imgs), np.array(labels), groups, group_by)
+    return TestImages(np.stack(arrays), np.array(labels), groups, group_by)
 
 
 @dataclass
