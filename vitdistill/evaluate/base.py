@@ -93,3 +93,13 @@ def check_label_range(labels: np.ndarray, num_classes: int, what: str = "labels"
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy of ``logits`` (N, C) against ``labels`` (N,)."""
     return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def labelled_logits(classifier: Classifier, images: object, labels: object,
+                    batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ``(images (N,H,W,3) uint8, labels (N,), logits (N,C))`` for evaluators scoring against labels."""
+    images = check_images(images)
+    labels = check_labels(labels, images.shape[0])
+    logits = predict_logits(classifier, images, batch_size)  # (N, C)
+    check_label_range(labels, logits.shape[1])
+    return images, labels, logits

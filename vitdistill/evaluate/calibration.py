@@ -20,10 +20,9 @@ from vitdistill.evaluate.base import (
     EVALUATORS,
     Classifier,
     Evaluator,
-    check_images,
     check_label_range,
     check_labels,
-    predict_logits,
+    labelled_logits,
 )
 
 NUM_BINS = 15  # the usual choice since Guo et al. 2017
@@ -129,10 +128,7 @@ class CalibrationEvaluator(Evaluator):
     def run(
         self, classifier: Classifier, images: np.ndarray, labels: np.ndarray, **extra: Any
     ) -> Iterator[tuple[str, float]]:
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        logits = predict_logits(classifier, images, self.batch_size)  # (N, C)
-        check_label_range(labels, logits.shape[1])
+        images, labels, logits = labelled_logits(classifier, images, labels, self.batch_size)  # logits (N, C)
         probs = np.exp(log_softmax(logits))  # (N, C)
         bins = reliability_bins(probs, labels, self.num_bins)
         ece = expected_calibration_error(probs, labels, self.num_bins)

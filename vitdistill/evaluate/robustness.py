@@ -12,9 +12,7 @@ from vitdistill.evaluate.base import (
     Classifier,
     Evaluator,
     accuracy,
-    check_images,
-    check_label_range,
-    check_labels,
+    labelled_logits,
     predict_logits,
 )
 from vitdistill.evaluate.corruptions import SEVERITY_LEVELS, corrupt, list_corruptions
@@ -54,10 +52,7 @@ class RobustnessEvaluator(Evaluator):
     def run(
         self, classifier: Classifier, images: np.ndarray, labels: np.ndarray, **extra: Any
     ) -> Iterator[tuple[str, float]]:
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        logits = predict_logits(classifier, images, self.batch_size)  # (N, C)
-        check_label_range(labels, logits.shape[1])
+        images, labels, logits = labelled_logits(classifier, images, labels, self.batch_size)  # logits (N, C)
         clean = accuracy(logits, labels)
         yield "clean_accuracy", clean
         means, drops = [], []

@@ -12,10 +12,7 @@ from vitdistill.evaluate.base import (
     EVALUATORS,
     Classifier,
     Evaluator,
-    check_images,
-    check_label_range,
-    check_labels,
-    predict_logits,
+    labelled_logits,
 )
 
 
@@ -63,10 +60,7 @@ class SubgroupEvaluator(Evaluator):
     def run(
         self, classifier: Classifier, images: np.ndarray, labels: np.ndarray, *, groups: np.ndarray, **extra: Any
     ) -> Iterator[tuple[str, float]]:
-        images = check_images(images)
-        labels = check_labels(labels, images.shape[0])
-        logits = predict_logits(classifier, images, self.batch_size)  # (N, C)
-        check_label_range(labels, logits.shape[1])
+        images, labels, logits = labelled_logits(classifier, images, labels, self.batch_size)  # logits (N, C)
         result = subgroup_accuracy(logits.argmax(axis=1), labels, groups)
         for name, acc in result.accuracy.items():
             yield f"accuracy/{name}", acc
