@@ -304,19 +304,8 @@ def _sample_fields(plan: ExtractionPlan, key: str, emb: np.ndarray, logits: np.n
 
 
 def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> dict:
-    """Extract input shard ``index``; returns its record (reused if already done).
-
-    A per-shard lock makes concurrent runs into the same cache take turns: the second one waits,
-    then finds the first one's shard and record and reuses them, so a shard and its record always
-    come from the same writer."""
-    done = load_record(plan, index)
-    if done is not None:
-        return {**done, "reused": True}
-    with fs.exclusive(plan.lock_url(index)):
-        done = load_record(plan, index)
-        if done is not None:
-            return {**done, "reused": True}
-        return _extract_shard(plan, index, progress)
+    """Extract input shard ``index``; returns its record (reused if already done, see ``build_once``)."""
+    return plan.build_once(index, lambda i: load_record(plan, i), lambda i: _extract_shard(plan, i, progress))
 
 
 def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
@@ -368,7 +357,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
         "images_per_s": round(count / seconds, 2) if seconds > 0 else None,
     }
     fs.write_json_atomic(plan.record_url(index), record)
-    return {**record, "reused": False}
+    return record
 
 
 # --------------------------------------------------------------------------- manifest
@@ -376,9 +365,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
 
 def finalize_cache(plan: ExtractionPlan, records: list[dict]) -> dict:
     """Write ``manifest.json`` (last) from the shard records; returns it."""
-    records = sorted(records, key=lambda r: r["index"])
-    if [r["index"] for r in records] != list(range(len(plan.inputs))):
-        raise CacheError(f"{plan.cache_dir}: records missing for some input shards; re-run the extraction")
+    records = plan.ordered_records(records, "the extraction")
     shards = [{**p, "input": r["input"]} for r in records for p in r["parts"]]
     skipped = [s for r in records for s in r["skipped"]]
     split_counts = {s: sum(r["split_counts"][s] for r in records) for s in SPLITS}

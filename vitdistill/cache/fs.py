@@ -17,12 +17,12 @@ import os
 import tempfile
 import uuid
 from contextlib import contextmanager
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from vitdistill.errors import DataError
+from vitdistill.errors import CacheError, DataError
 
 _TMP_PREFIX = ".tmp-"
 
@@ -194,6 +194,7 @@ class ShardedCachePlan:
     round-trip, and where the manifest and the per-input-shard records live."""
 
     cache_dir: str
+    inputs: list[str]
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -213,3 +214,24 @@ class ShardedCachePlan:
 
     def lock_url(self, index: int) -> str:
         return join(self.cache_dir, "records", f"{index:05d}.lock")
+
+    def build_once(self, index: int, load: Callable[[int], dict | None], build: Callable[[int], dict]) -> dict:
+        """Input shard ``index``'s record: reused when ``load`` finds a valid one, else built by ``build``.
+
+        A per-shard lock makes concurrent runs into the same cache take turns: the second waits, then
+        finds the first one's shard and record and reuses them, so a shard and its record always come
+        from the same writer."""
+        done = load(index)
+        if done is None:
+            with exclusive(self.lock_url(index)):
+                done = load(index)
+                if done is None:
+                    return {**build(index), "reused": False}
+        return {**done, "reused": True}
+
+    def ordered_records(self, records: list[dict], rerun: str) -> list[dict]:
+        """One record per input shard, in input order; anything missing is an error saying what to re-run."""
+        records = sorted(records, key=lambda r: r["index"])
+        if [r["index"] for r in records] != list(range(len(self.inputs))):
+            raise CacheError(f"{self.cache_dir}: records missing for some input shards; re-run {rerun}")
+        return records

@@ -133,10 +133,12 @@ def load_view_record(plan: ViewCachePlan, index: int) -> dict | None:
 
 
 def build_view_shard(plan: ViewCachePlan, index: int, progress: bool = True) -> dict:
-    """Teacher outputs for the K views of each training image of input shard ``index``; reused if done."""
-    done = load_view_record(plan, index)
-    if done is not None:
-        return {**done, "reused": True}
+    """Teacher outputs for the K views of each training image of input shard ``index``; reused if done
+    (``ShardedCachePlan.build_once``: concurrent builders take turns per shard)."""
+    return plan.build_once(index, lambda i: load_view_record(plan, i), lambda i: _build_view_shard(plan, i, progress))
+
+
+def _build_view_shard(plan: ViewCachePlan, index: int, progress: bool) -> dict:
     teacher = create_teacher(TeacherConfig.model_validate(plan.teacher_cfg))
     spec = InputSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.teacher_input.items()})
     batch_views = max(1, int(plan.teacher_cfg["batch_size"]))
@@ -189,14 +191,12 @@ def build_view_shard(plan: ViewCachePlan, index: int, progress: bool = True) -> 
                   "sha256": fs.sha256_file(tmp), "seconds": round(time.perf_counter() - t0, 3),
                   "teacher_seconds": round(teacher_s, 3)}
     fs.write_json_atomic(plan.record_url(index), record)
-    return {**record, "reused": False}
+    return record
 
 
 def finalize_view_cache(plan: ViewCachePlan, records: list[dict]) -> dict:
     """Write ``manifest.json`` (last) from the shard records; returns it."""
-    records = sorted(records, key=lambda r: r["index"])
-    if [r["index"] for r in records] != list(range(len(plan.inputs))):
-        raise CacheError(f"{plan.cache_dir}: records missing for some input shards; re-run the view cache")
+    records = plan.ordered_records(records, "the view cache")
     num = sum(r["count"] for r in records)
     if num == 0:
         raise CacheError(f"{plan.cache_dir}: no training image to cache views for")
