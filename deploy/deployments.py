@@ -43,6 +43,9 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("probe", "flows/pipeline.py:probe_flow", "30 2 * * *", "probes, nightly at 02:30"),
     DeploymentSpec("lit", "flows/pipeline.py:lit_flow", "0 3 * * 0", "LiT, Sundays at 03:00"),
     DeploymentSpec("distill", "flows/pipeline.py:distill_flow", "0 4 * * 6", "distillation, Saturdays at 04:00"),
+    DeploymentSpec("evaluate", "flows/pipeline.py:evaluate_flow", "0 6 * * 6", "evaluations and report, Saturdays at 06:00"),
+    DeploymentSpec("report", "flows/pipeline.py:report_flow", "0 7 * * *",
+                   "HTML report of the latest finished run that evaluated, daily at 07:00"),
 )
 
 

@@ -1,7 +1,8 @@
 """Stage bodies: each composes the tasks of one stage inside an MLflow child run.
 
 Flows call :func:`run_stages`, which runs a target stage after the stages it depends on (each
-reuses its cache when it is there) under one MLflow parent run.
+reuses its cache when it is there) under one MLflow parent run, then, when the evaluate stage ran,
+writes the HTML report of that run (``report.enabled``).
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ def run_stages(config: VitdistillConfig, target: str) -> dict:
     with stage_run(config, f"vitdistill-{target}", None) as parent:
         for stage in stages_to_run(target):
             results.append(STAGE_FUNCTIONS[stage](config, parent, ctx))
+    report = None
+    if config.report.enabled and any(r.stage == "evaluate" and r.status == "ok" for r in results):
+        from tasks.report import report as report_task
+
+        report = report_task(config, parent)  # after the parent run is closed: it reads a finished run
     result = {
         "target": target,
         "mlflow_run_id": parent,
@@ -129,6 +135,7 @@ def run_stages(config: VitdistillConfig, target: str) -> dict:
         "mlflow_run_url": tracker.run_url(parent),
         "mlflow_ui": tracker.ui_command(),
         "stages": [r.to_dict() for r in results],
+        "report": report,
     }
     publish_summary(result)
     return result

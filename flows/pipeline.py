@@ -8,6 +8,10 @@ Run the whole pipeline on the embedded defaults (ephemeral Prefect, sqlite MLflo
 Each stage alone (it builds what it depends on, reusing caches):
 
     vitdistill extract | probe | lit | distill | evaluate  [-c FILE] [--set key=value]
+
+The HTML report of a finished run (the pipeline writes one itself when it evaluates):
+
+    vitdistill report [RUN_ID]
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ def distill_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
 def evaluate_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
     """Shape bias, robustness, calibration and subgroup evaluations."""
     return run_stages(config, "evaluate")
+
+
+@flow(name="vitdistill-report", log_prints=True)
+def report_flow(config: VitdistillConfig = VitdistillConfig(), run_id: str | None = None) -> dict:
+    """One HTML report of a finished run (None: the latest that evaluated): teacher vs student, every stage."""
+    from tasks.report import report
+
+    return report(config, run_id)
 
 
 FLOWS = {

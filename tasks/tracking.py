@@ -36,6 +36,9 @@ def publish_summary(result: dict) -> None:
     lines = [f"# vitdistill {result['target']}", "", "| stage | status | headline | MLflow run |", "|---|---|---|---|"]
     for s in result["stages"]:
         lines.append(f"| {s['stage']} | {s['status']} | {s['headline'] or s['message']} | {s['run_id'] or '-'} |")
+    if result.get("report"):
+        lines += ["", f"Report: `{result['report']['html_path']}` (MLflow artifact `{result['report']['artifact_uri']}`): "
+                      f"{result['report']['headline']}"]
     lines += ["", f"MLflow parent run `{result['mlflow_run_id']}` in experiment {result['mlflow_experiment_id']} "
                   f"at `{result['tracking_uri']}`.", "", f"Open the MLflow UI: `{result['mlflow_ui']}`"]
     create_markdown_artifact("\n".join(lines), key="vitdistill-summary", description="stage headlines")

@@ -130,6 +130,19 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     lit_stage = next(s for s in result["stages"] if s["stage"] == "lit")
     assert lit_stage["paths"]["text_tower"].startswith("models:/")
 
+    # the run's HTML report, written at the end of the pipeline and logged on the parent run
+    report = result["report"]
+    assert report["run_id"] == parent.info.run_id and Path(report["html_path"]).is_file()
+    assert Path(report["html_path"]).resolve().parent == (tmp_path / "reports" / parent.info.run_id).resolve()
+    assert "report/report.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report: " in r.stdout and report["verdict"]
+    # ... and again on demand, from a stage's run id; a wrong id is one line
+    r3 = cli(["report", ev.info.run_id, "-c", str(ROOT / "configs/runlocal.yaml")], cli_env, tmp_path)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert f"report of vitdistill-pipeline ({parent.info.run_id})" in r3.stdout and "clean top-1 accuracy" in r3.stdout
+    r4 = cli(["report", "0123abc"], cli_env, tmp_path)
+    assert r4.returncode == 2 and r4.stderr.strip().count("\n") == 0 and "MLflow run '0123abc' not found" in r4.stderr
+
     # a stage alone reuses the finished cache
     r2 = cli(["extract", "-c", str(ROOT / "configs/runlocal.yaml"), "--json", str(out)], cli_env, tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]

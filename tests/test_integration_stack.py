@@ -95,7 +95,8 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
     assert r.returncode == 0, r.stderr
     deployed = {d["deployment"] for d in json.loads((work / "deploy.json").read_text())}
     assert deployed == {"vitdistill-pipeline/pipeline", "vitdistill-extract/extract", "vitdistill-probe/probe",
-                        "vitdistill-lit/lit", "vitdistill-distill/distill"}
+                        "vitdistill-lit/lit", "vitdistill-distill/distill", "vitdistill-evaluate/evaluate",
+                        "vitdistill-report/report"}
 
     r = cli(["submit", "probe", "-c", str(ROOT / "configs/runlocal.yaml"), *run_sets, "--wait", "--timeout", "240",
              "--json", str(work / "submit.json")], env, work)

@@ -235,6 +235,14 @@ class EvaluateConfig(Section):
     cue_conflict_images: int = Field(216, ge=36, description="shape-bias cue-conflict images (36 per full cycle)")
 
 
+class ReportConfig(Section):
+    enabled: bool = Field(True, description="write the HTML report at the end of every run that evaluates")
+    out_dir: str = Field("./reports", description="local dir or s3://bucket/prefix; a report goes to <out_dir>/<run_id>/")
+    stage_figures: bool = Field(True, description="also embed the figures each stage logged (confusions, curves...)")
+
+    _uri = field_validator("out_dir")(lambda cls, v: check_uri(v))
+
+
 class TrackingConfig(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
@@ -276,6 +284,7 @@ class VitdistillConfig(Section):
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 

@@ -31,6 +31,7 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_name = cfg.experiment
         exp = self.client.get_experiment_by_name(cfg.experiment)
         if exp is None:
             try:
@@ -161,6 +162,11 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return None
+
+    def artifact_url(self, run_id: str, path: str) -> str | None:
+        """The MLflow UI page that opens ``path`` in the run's artifact viewer (HTML renders there)."""
+        url = self.run_url(run_id)
+        return f"{url}/artifacts/{path}" if url else None
 
     def ui_command(self) -> str:
         if self.uri.startswith(("http://", "https://")):

@@ -4,6 +4,7 @@
     vitdistill probe -c configs/shapes.yaml --set probe.knn_k=[5,10] --json out.json
     vitdistill config show --set data.source=shapes
     vitdistill list teachers
+    vitdistill report                               # HTML report of the latest finished run
 
 Every stage command takes ``-c/--config FILE``, repeatable ``--set dotted.key=value`` and
 ``--json PATH``. Bad input exits non-zero with one line on stderr; ``--debug`` shows tracebacks.
@@ -135,6 +136,8 @@ def _summary(result: dict) -> None:
         out.print(f"  open: {result['mlflow_run_url']}")
     out.print(f"  MLflow UI: [cyan]{result['mlflow_ui']}[/]  -> http://127.0.0.1:5000")
     out.print("  Prefect UI: [cyan]prefect server start[/]  -> http://127.0.0.1:4200 (shows ephemeral runs too)")
+    if result.get("report"):
+        out.print(f"  report: [bold]{result['report']['html_path']}[/] ({result['report']['headline']})", highlight=False)
 
 
 def check_prefect_api(required: bool = False) -> str | None:
@@ -199,6 +202,51 @@ _stage_command("distill", "Distil the teacher into a small student, online or fr
 _stage_command("evaluate", "Calibration, robustness, subgroup gaps and shape bias for teacher (probe) and student.")
 
 
+RunIdArg = Annotated[Optional[str], typer.Argument(
+    help="MLflow run id of a pipeline run or of one of its stages; default: the latest finished run that evaluated")]
+
+
+@app.command("report")
+def report_cmd(run_id: RunIdArg = None, config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None,
+               debug: DebugOpt = False) -> None:
+    """One HTML report of a finished run: teacher vs student across every evaluation, and every stage."""
+
+    def body() -> dict:
+        cfg = _load(config, set_)
+        check_prefect_api()
+        from vitdistill.tracking import get_tracker
+
+        from vitdistill.report import find_parent_run_id
+
+        find_parent_run_id(get_tracker(cfg.tracking), run_id)  # a wrong id fails here, in one line, before Prefect starts
+        from flows.pipeline import report_flow
+
+        if not debug:
+            logging.getLogger("prefect").setLevel(logging.WARNING)
+            _quiet_prefect_tracebacks()
+        return report_flow(cfg, run_id)
+
+    result = _guard(debug, body)
+    _write_json(json_path, result)
+    _print_report(result)
+
+
+def _print_report(report: dict) -> None:
+    out.print(f"[bold]report[/] of {report['run_name']} ({report['run_id']}): {report['verdict']}", highlight=False)
+    table = Table(show_lines=False)
+    for col in ("metric", "teacher", "student", "student - teacher", "winner"):
+        table.add_column(col)
+    for r in report["rows"]:
+        if r["headline"]:
+            vals = [f"{r[k]:.4g}" if r[k] is not None else "-" for k in ("teacher", "student")]
+            delta = f"{r['delta']:+.4g}" if r["delta"] is not None else "-"
+            table.add_row(r["label"], *vals, delta, r["winner"] or "-")
+    out.print(table)
+    out.print(f"  HTML:            {report['html_path']}", highlight=False)
+    out.print(f"  MLflow artifact: {report['artifact_uri']}", highlight=False)
+    if report.get("run_url"):
+        out.print(f"  open:            {report['run_url']}/artifacts/report/report.html", highlight=False)
+
 
 # --------------------------------------------------------------------------- servers and deployments
 
@@ -250,7 +298,7 @@ def deploy_cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt
 
 
 @app.command("submit")
-def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline | extract | probe | lit | distill")],
+def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline | extract | probe | lit | distill | evaluate | report")],
                config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False,
                wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
                timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800) -> None:

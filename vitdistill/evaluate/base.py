@@ -3,7 +3,8 @@
 An evaluator is a small class built from config (``create_evaluator(name, **kw)``) whose
 ``run(classifier, images, labels, **extra)`` yields ``(metric_name, float)`` pairs, as in
 big_vision. Evaluators that draw keep the figures of their last ``run`` and return them from
-``figures()`` as ``{name: matplotlib.figure.Figure}``; the others return ``{}``.
+``figures()`` as ``{name: matplotlib.figure.Figure}``; those with data behind a figure that a report
+may redraw (reliability bins) return it from ``tables()`` as ``{name: rows}``. Both default to ``{}``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Evaluator:
         raise TypeError(f"{type(self).__name__} must define run()")
 
     def figures(self) -> dict[str, Figure]:
+        return {}
+
+    def tables(self) -> dict[str, list[dict[str, float]]]:
         return {}
 
 

@@ -43,6 +43,15 @@ class ReliabilityBins:
     accuracy: np.ndarray
     confidence: np.ndarray
 
+    def rows(self) -> list[dict[str, float | None]]:
+        """One JSON-ready row per bin; accuracy and confidence are None for empty bins."""
+        def num(v: float) -> float | None:
+            return None if np.isnan(v) else float(v)
+
+        return [{"lo": float(self.edges[m]), "hi": float(self.edges[m + 1]), "count": int(self.count[m]),
+                 "accuracy": num(self.accuracy[m]), "confidence": num(self.confidence[m])}
+                for m in range(len(self.count))]
+
 
 def check_probabilities(probs: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
     """``probs`` (N, C) rows on the simplex and ``labels`` (N,) in range, else DataError."""
@@ -124,6 +133,7 @@ class CalibrationEvaluator(Evaluator):
         self.num_bins = num_bins
         self.batch_size = batch_size
         self._figures: dict[str, Figure] = {}
+        self._tables: dict[str, list[dict[str, float]]] = {}
 
     def run(
         self, classifier: Classifier, images: np.ndarray, labels: np.ndarray, **extra: Any
@@ -133,6 +143,7 @@ class CalibrationEvaluator(Evaluator):
         bins = reliability_bins(probs, labels, self.num_bins)
         ece = expected_calibration_error(probs, labels, self.num_bins)
         self._figures = {"reliability": reliability_figure(bins, title=f"reliability (ECE {ece:.3f})")}
+        self._tables = {"reliability": bins.rows()}
         yield "ece", ece
         yield "mce", max_calibration_error(probs, labels, self.num_bins)
         yield "nll", negative_log_likelihood(logits, labels)
@@ -140,3 +151,7 @@ class CalibrationEvaluator(Evaluator):
 
     def figures(self) -> dict[str, Figure]:
         return dict(self._figures)
+
+    def tables(self) -> dict[str, list[dict[str, float]]]:
+        """``{"reliability": ReliabilityBins.rows()}`` of the last run."""
+        return dict(self._tables)

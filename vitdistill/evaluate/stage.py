@@ -151,6 +151,7 @@ def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module
     shapes = cfg.data.source == "shapes"
     metrics: dict[str, float] = {}
     figures: dict[str, Any] = {}
+    tables: dict[str, list[dict]] = {}
     for who, clf in models.items():
         for name in cfg.evaluate.evaluators:
             if name == "shape_bias":
@@ -171,6 +172,7 @@ def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module
                 pairs = ev.run(clf, data.images, data.labels)
             metrics.update({f"{who}/{name}/{k}": float(v) for k, v in pairs})
             figures.update({f"{who}_{name}_{k}.png": fig for k, fig in ev.figures().items()})
+            tables.update({f"{who}_{name}_{k}": rows for k, rows in ev.tables().items()})
     keys = sorted({k.split("/", 1)[1] for k in metrics})
     table = [{"metric": k, **{who: round(metrics.get(f"{who}/{k}", float("nan")), 4) for who in models}} for k in keys]
     parts = []
@@ -181,4 +183,4 @@ def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module
         if f"{who}/shape_bias/shape_bias" in metrics:
             bits.append(f"shape bias {metrics[f'{who}/shape_bias/shape_bias']:.2f}")
         parts.append(f"{who}: " + ", ".join(b for b in bits if b))
-    return EvaluateReport(metrics, figures, {"teacher_vs_student": table}, "; ".join(parts))
+    return EvaluateReport(metrics, figures, {"teacher_vs_student": table, **tables}, "; ".join(parts))
