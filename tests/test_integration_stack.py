@@ -162,6 +162,48 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
         assert (shots / f"{name}.png").stat().st_size > 10_000
 
 
+def test_evaluate_then_the_report_deployment_through_the_servers(stack):
+    """The evaluate stage against the servers writes its report; the `report` deployment, run by the
+    worker, writes it again to S3 and logs it on the parent run (artifacts on S3 via the MLflow server)."""
+    env, work, bucket, fs = stack["env"], stack["work"], stack["bucket"], stack["fs"]
+    runlocal = str(ROOT / "configs/runlocal.yaml")
+    data = ["--set", "data.source=wds", "--set", f"data.path=s3://{bucket}/in/train-000.tar",
+            "--set", f"cache.root=s3://{bucket}/cache", "--set", "evaluate.severities=[1,3]"]
+    r = cli(["evaluate", "-c", runlocal, *data, "--json", str(work / "evaluate.json")], env, work, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    evaluated = json.loads((work / "evaluate.json").read_text())
+    parent = evaluated["mlflow_run_id"]
+    assert evaluated["report"]["run_id"] == parent and Path(evaluated["report"]["html_path"]).is_file()
+
+    r = cli(["deploy", "-c", runlocal], env, work)
+    assert r.returncode == 0, r.stderr
+    r = cli(["submit", "report", "-c", runlocal, *data, "--set", f"report.out_dir=s3://{bucket}/reports", "--wait",
+             "--timeout", "240", "--json", str(work / "submit-report.json")], env, work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sub = json.loads((work / "submit-report.json").read_text())
+    assert sub["state"] == "COMPLETED"
+    page = fs.cat_file(f"{bucket}/reports/{parent}/report.html").decode()
+    assert "Teacher vs student" in page and parent in page and "data:image/png;base64," in page
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack["info"]["mlflow_url"])
+    assert {"report/report.html", "report/report.json"} <= {a.path for a in client.list_artifacts(parent, "report")}
+    assert any(p.endswith("report/report.html") for p in fs.find(f"{bucket}/mlartifacts"))
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[sub["flow_run_id"]])))
+    by_key = {a.key: a for a in arts}
+    assert by_key["vitdistill-report"].type == "markdown" and "| metric | teacher | student |" in str(by_key["vitdistill-report"].data)
+    exp = client.get_run(parent).info.experiment_id
+    link = f"{stack['info']['mlflow_url']}/#/experiments/{exp}/runs/{parent}/artifacts/report/report.html"
+    assert link in str(by_key["vitdistill-report-link"].data)
+
+
 def test_unreachable_servers_and_missing_deployments_are_one_line(stack):
     env, work = stack["env"], stack["work"]
     dead = f"http://127.0.0.1:{free_port()}"
