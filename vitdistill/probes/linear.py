@@ -54,8 +54,15 @@ from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall, p
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(float(v) for v in 10.0 ** np.linspace(-7.0, 0.0, 15))
 # Gradient tolerance with scikit-learn's meaning for lbfgs: stop when max |grad| <= tol.
 DEFAULT_TOL = 1e-4
-# L-BFGS memory, as scikit-learn/scipy (maxcor=10); torch's default of 100 only adds overhead here.
+# L-BFGS memory, as scikit-learn/scipy (maxcor=10).
 HISTORY_SIZE = 10
+# Line search: sufficient decrease (Armijo) and strong-Wolfe curvature constants.
+ARMIJO = 1e-4
+CURVATURE = 0.5
+# Top principal directions of the train rows that the L-BFGS preconditioner flattens (Preconditioner).
+PRECONDITIONER_RANK = 8
+# The l2 sweep only decides the choice on val; the refit is finished in float64 (refit()).
+SWEEP_DTYPE = torch.float32
 # Below this many multiply-adds per product (N * D * C) one thread is used: each objective
 # evaluation is then a few ms at most, thread synchronisation costs more than it saves, and on a
 # busy machine (more runnable threads than cores) multi-threaded runs were measured 30-100x slower.
@@ -108,6 +115,8 @@ class Sweep:
     val_top1_by_l2: dict[float, float]
     best: LogRegModel  # model at the chosen l2, fitted on train
     num_iterations: int  # L-BFGS iterations over the whole sweep
+    curvature: Curvature  # L-BFGS memory at ``best``, to warm-start the refit with
+    precond: Preconditioner  # from the train rows
 
 
 def sklearn_c(l2: float, num_samples: int) -> float:
@@ -166,6 +175,225 @@ def logreg_loss_and_grad(
     return loss, grad_w, grad_b
 
 
+@dataclass
+class Rows:
+    """Rows prepared for the solver, with the bias folded in as a trailing column of ones.
+
+    The parameters are then one matrix ``theta = [W | b]`` (C, D + 1), the logits one product
+    ``theta @ x.T`` and the gradient one product ``resid @ x``.
+    """
+
+    x: torch.Tensor  # (N, D + 1): features, then ones
+    onehot: torch.Tensor  # (C, N)
+
+    @classmethod
+    def build(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> Rows:
+        n = x.shape[0]
+        xa = torch.ones(n, x.shape[1] + 1, dtype=dtype)
+        xa[:, :-1] = x
+        onehot = torch.zeros(num_classes, n, dtype=dtype)
+        onehot[y, torch.arange(n)] = 1.0
+        return cls(xa, onehot)
+
+    def grad(self, theta: torch.Tensor, logits: torch.Tensor, l2: float) -> torch.Tensor:
+        """Gradient (C, D + 1) of the objective at ``theta``, given its ``logits = theta @ x.T``."""
+        resid = torch.softmax(logits, dim=0).sub_(self.onehot)  # (C, N)
+        g = resid @ self.x  # (C, D + 1)
+        g.div_(self.x.shape[0])
+        g[:, :-1].add_(theta[:, :-1], alpha=l2)  # the bias column is not penalised
+        return g
+
+
+@dataclass
+class Preconditioner:
+    """L-BFGS's initial inverse Hessian ``H0``, from the top principal directions of the train rows.
+
+    Near the prior the cross-entropy Hessian in W is about ``(1/C) X^T X / N`` per class, plus l2
+    (softmax curvature is ~1/C for C balanced classes), and in b about ``1/C``: the bias is the
+    stiffest direction and the top eigenvectors of ``X^T X / N`` the next ones, far above the rest
+    (features are centred and scaled to a mean squared row norm of 1, so the D eigenvalues average
+    1/D). ``H0`` brings those k + 1 directions down to the curvature of the (k+1)-th eigenvalue and
+    leaves the rest to L-BFGS's usual scalar. It only shapes the steps: the optimum is unchanged.
+    """
+
+    basis: torch.Tensor  # (D, k) top eigenvectors of X^T X / N
+    eigvals: torch.Tensor  # (k + 1,) matching eigenvalues, descending; the last is the level they go to
+    num_classes: int
+
+    @classmethod
+    def estimate(cls, x: torch.Tensor, num_classes: int, rank: int, oversample: int = 8) -> Preconditioner:
+        """Top ``rank + 1`` eigenpairs of ``x.T @ x / N`` (x (N, D) centred) by two power iterations.
+
+        A randomized subspace iteration with a fixed seed: a handful of thin products instead of a
+        D x D eigendecomposition, and the same result on every run. Exact when the block spans D.
+        """
+        n, dim = x.shape
+        width = min(dim, rank + 1 + oversample)
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(dim, width, generator=gen, dtype=torch.float64).to(x.dtype)  # (D, k + 1 + p)
+        for _ in range(2):
+            q = torch.linalg.qr(x.T @ (x @ q)).Q  # (D, width)
+        xq = (x @ q).double()  # (N, width)
+        eigvals, vecs = torch.linalg.eigh(xq.T @ xq / n)  # ascending
+        eigvals, vecs = eigvals.flip(0), vecs.flip(1)
+        keep = min(rank, width - 1)
+        basis = q @ vecs[:, :keep].to(x.dtype)  # (D, k)
+        return cls(basis, eigvals[: keep + 1].clamp_min(0.0), num_classes)
+
+    def to(self, dtype: torch.dtype) -> Preconditioner:
+        return Preconditioner(self.basis.to(dtype), self.eigvals, self.num_classes)
+
+    def apply(self, q: torch.Tensor, l2: float) -> torch.Tensor:
+        """``H0 @ q`` for a (C, D + 1) gradient-shaped ``q``, up to L-BFGS's scalar."""
+        a = 1.0 / self.num_classes  # softmax curvature near the prior
+        level = a * float(self.eigvals[-1]) + l2
+        out = q.clone()
+        shrink = (level / (a * self.eigvals[:-1] + l2) - 1.0).to(q.dtype)  # (k,)
+        out[:, :-1] += ((q[:, :-1] @ self.basis) * shrink) @ self.basis.T
+        out[:, -1] *= level / a
+        return out
+
+
+@dataclass
+class Curvature:
+    """L-BFGS memory: the last steps ``s`` and gradient changes ``y`` (each (C, D + 1)), at ``l2``."""
+
+    s: list[torch.Tensor]
+    y: list[torch.Tensor]
+    l2: float
+
+    def at(self, l2: float) -> Curvature:
+        """The same pairs for the objective at ``l2``: its Hessian differs by (l2 - self.l2) on W.
+
+        Reusing the memory along the path means a new fit starts with the curvature the last one
+        learned instead of rebuilding it from a scaled gradient step.
+        """
+        y = []
+        for s_i, y_i in zip(self.s, self.y, strict=True):
+            y_i = y_i.clone()
+            y_i[:, :-1].add_(s_i[:, :-1], alpha=l2 - self.l2)
+            y.append(y_i)
+        return Curvature(list(self.s), y, l2)
+
+    def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        if torch.vdot(s.flatten(), y.flatten()) > 1e-10 * torch.vdot(y.flatten(), y.flatten()):
+            self.s.append(s)
+            self.y.append(y)
+            if len(self.s) > HISTORY_SIZE:
+                del self.s[0], self.y[0]
+
+    def direction(self, g: torch.Tensor, precond: Preconditioner) -> torch.Tensor:
+        """Two-loop recursion: ``-H g`` with ``H`` the L-BFGS inverse Hessian built on ``H0``."""
+        flat = [(s.flatten(), y.flatten()) for s, y in zip(self.s, self.y, strict=True)]
+        rho = [1.0 / float(torch.vdot(s, y)) for s, y in flat]
+        q = g.flatten().clone()
+        alpha = []
+        for (s, y), r in zip(reversed(flat), reversed(rho), strict=True):
+            alpha.append(r * float(torch.vdot(s, q)))
+            q.add_(y, alpha=-alpha[-1])
+        q = precond.apply(q.view_as(g), self.l2).flatten()
+        if flat:  # scale H0 by s.y / y.H0.y from the newest pair, as usual
+            s, y = flat[-1]
+            q.mul_(float(torch.vdot(s, y)) / float(torch.vdot(y, precond.apply(self.y[-1], self.l2).flatten())))
+        else:  # first step: a short one; the line search sizes it
+            q.mul_(min(1.0, 1.0 / float(g.abs().sum())))
+        for (s, y), r, a in zip(flat, rho, reversed(alpha), strict=True):
+            q.add_(s, alpha=a - r * float(torch.vdot(y, q)))
+        return q.neg_().view_as(g)
+
+
+def line_search(
+    logits: torch.Tensor, step_logits: torch.Tensor, onehot: torch.Tensor, wd: float, dd: float, l2: float, max_tries: int = 20
+) -> float:
+    """Step length t along a direction d, satisfying the strong Wolfe conditions.
+
+    ``phi(t) = f(theta + t d)`` only needs the (C, N) logits ``logits + t * step_logits`` (with
+    ``step_logits = d @ x.T``) and the penalty, a quadratic in t from ``ww = |W|^2``,
+    ``wd = W.dW`` and ``dd = |dW|^2``: every trial is O(C N), without touching x. Trials follow
+    safeguarded Newton steps on phi' from t = 1, in float64 whatever the solver dtype, with
+    ``phi(t) - phi(0)`` summed from ``log1p(sum_c p_c expm1(t z_c))`` so that it stays exact for
+    the tiny steps of a tight tolerance.
+    """
+    n = logits.shape[1]
+    logp0 = torch.log_softmax(logits.double(), dim=0)  # (C, N)
+    p0 = logp0.exp()
+    z = step_logits.double()  # (C, N)
+    z_true = float((z * onehot).sum()) / n  # mean logit change of the true class, per unit t
+    slope0 = float((p0 * z).sum()) / n - z_true + l2 * wd  # phi'(0) < 0
+    lo, hi, t = 0.0, math.inf, 1.0
+    for _ in range(max_tries):
+        tz = (t * z).clamp_max(700.0)
+        lse_change = torch.log1p((p0 * torch.expm1(tz)).sum(dim=0))  # (N,) lse(l + t z) - lse(l)
+        decrease = float(lse_change.sum()) / n - t * z_true + l2 * (t * wd + 0.5 * t * t * dd)
+        p = torch.softmax(logp0 + tz, dim=0)  # (C, N)
+        pz = (p * z).sum(dim=0)  # (N,)
+        slope = float(pz.sum()) / n - z_true + l2 * (wd + t * dd)
+        if decrease <= ARMIJO * t * slope0 and abs(slope) <= CURVATURE * abs(slope0):
+            return t
+        if decrease > ARMIJO * t * slope0 or slope > 0:
+            hi = t
+        else:
+            lo = t
+        curvature = float((p * z * z).sum() - pz.square().sum()) / n + l2 * dd
+        t_next = t - slope / curvature if curvature > 0 else math.nan
+        if not lo < t_next < hi:  # Newton left the bracket: bisect, or expand while unbounded
+            t_next = 0.5 * (lo + hi) if math.isfinite(hi) else 4.0 * t
+        t = t_next
+    return t
+
+
+@dataclass
+class Fit:
+    """Solver state at a solution of the objective at ``l2``."""
+
+    theta: torch.Tensor  # (C, D + 1): [W | b]
+    logits: torch.Tensor  # (C, N) theta @ x.T on the fitted rows
+    l2: float
+    curvature: Curvature
+    num_iterations: int = 0
+
+    def model(self) -> LogRegModel:
+        theta = self.theta.to(torch.float64)
+        return LogRegModel(theta[:, :-1].contiguous(), theta[:, -1].contiguous(), self.l2, self.num_iterations)
+
+
+def minimise(
+    rows: Rows,
+    theta: torch.Tensor,
+    logits: torch.Tensor,
+    l2: float,
+    precond: Preconditioner,
+    curvature: Curvature | None = None,
+    *,
+    max_iter: int = 1000,
+    tol: float = DEFAULT_TOL,
+) -> Fit:
+    """L-BFGS from ``theta`` (C, D + 1) with its ``logits`` (C, N) until max |gradient| <= ``tol``.
+
+    Two products with x per iteration (the step's logits, then the new gradient): the line search
+    works on logits alone, and the logits are updated, not recomputed. ``curvature`` is memory to
+    start from (see :meth:`Curvature.at`).
+    """
+    memory = Curvature([], [], l2) if curvature is None else curvature.at(l2)
+    g = rows.grad(theta, logits, l2)
+    iterations = 0
+    while float(g.abs().max()) > tol and iterations < max_iter:
+        d = memory.direction(g, precond)  # (C, D + 1)
+        if torch.vdot(g.flatten(), d.flatten()) >= 0:  # not a descent direction (rounding): restart
+            memory = Curvature([], [], l2)
+            d = memory.direction(g, precond)
+        step_logits = d @ rows.x.T  # (C, N)
+        wd, dd = float((theta[:, :-1] * d[:, :-1]).sum()), float(d[:, :-1].square().sum())
+        t = line_search(logits, step_logits, rows.onehot, wd, dd, l2)
+        theta = theta + t * d
+        logits = logits + t * step_logits
+        g_next = rows.grad(theta, logits, l2)
+        memory.push(t * d, g_next - g)
+        g = g_next
+        iterations += 1
+    return Fit(theta, logits, l2, memory, iterations)
+
+
 def fit_logreg(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -176,41 +404,26 @@ def fit_logreg(
     max_iter: int = 1000,
     tol: float = DEFAULT_TOL,
 ) -> LogRegModel:
-    """Minimise the module objective on (x (N, D) float64, y (N,) int64) with full-batch L-BFGS."""
+    """Minimise the module objective on (x (N, D), y (N,) int64) in x's dtype, from ``init`` or the prior."""
     if init is None:
         init = prior_init(y, num_classes, x.shape[1])
-    weight = init.weight.clone()  # (C, D)
-    bias = init.bias.clone()  # (C,)
-    onehot = torch.zeros(num_classes, x.shape[0], dtype=torch.float64)  # (C, N)
-    onehot[y, torch.arange(x.shape[0])] = 1.0
-    opt = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=tol,
-        tolerance_change=1e-12,
-        history_size=HISTORY_SIZE,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        loss, weight.grad, bias.grad = logreg_loss_and_grad(x, onehot, weight, bias, l2)
-        return loss
-
-    opt.step(closure)
-    return LogRegModel(weight, bias, l2, num_iterations=int(opt.state[weight]["n_iter"]))
+    rows = Rows.build(x, y, num_classes, x.dtype)
+    theta = torch.cat([init.weight, init.bias[:, None]], dim=1).to(x.dtype)  # (C, D + 1)
+    precond = Preconditioner.estimate(x, num_classes, PRECONDITIONER_RANK)
+    return minimise(rows, theta, theta @ rows.x.T, l2, precond, max_iter=max_iter, tol=tol).model()
 
 
-def extrapolate(prev: LogRegModel, cur: LogRegModel, l2: float) -> LogRegModel:
-    """Warm start for ``l2``: a secant step along the regularisation path, linear in log(l2).
+def extrapolate(prev: Fit | None, cur: Fit, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm start (theta, logits) for ``l2``: a secant step along the path, linear in log(l2).
 
-    The path (W, b)(l2) is smooth in log(l2), so continuing the last step lands much closer to
-    the next optimum than ``cur`` itself. It is only a starting point: the fit is exact either way.
+    The path theta(l2) is smooth in log(l2), so continuing the last step lands much closer to the
+    next optimum than ``cur`` itself; the logits are linear in theta, so they follow without a
+    product. It is only a starting point: the fit is exact either way.
     """
-    if not math.isfinite(prev.l2):  # cur is the first fit; there is no step to continue yet
-        return cur
+    if prev is None:
+        return cur.theta, cur.logits
     r = math.log(l2 / cur.l2) / math.log(cur.l2 / prev.l2)
-    return LogRegModel(cur.weight + r * (cur.weight - prev.weight), cur.bias + r * (cur.bias - prev.bias), l2)
+    return cur.theta + r * (cur.theta - prev.theta), cur.logits + r * (cur.logits - prev.logits)
 
 
 @contextmanager
@@ -237,10 +450,6 @@ def default_threads(num_rows: int, dim: int, num_classes: int) -> int | None:
     return 1 if num_rows * dim * num_classes < SINGLE_THREAD_BELOW else None
 
 
-def correct_count(model: LogRegModel, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((model.scores(x).argmax(dim=1) == y).sum())
-
-
 def sweep_l2(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -252,20 +461,53 @@ def sweep_l2(
     max_iter: int = 1000,
     tol: float = DEFAULT_TOL,
 ) -> Sweep:
-    """Fit train from strong to weak l2 with warm starts; keep the best val top-1 (ties: stronger l2)."""
-    prev = model = prior_init(y_train, num_classes, x_train.shape[1])
-    best, best_correct = model, -1
+    """Fit train from strong to weak l2 with warm starts; keep the best val top-1 (ties: stronger l2).
+
+    Solved in SWEEP_DTYPE: the choice only needs val predictions, and float32 halves the cost of
+    every product while its gradient is still exact far below ``tol``.
+    """
+    rows = Rows.build(x_train, y_train, num_classes, SWEEP_DTYPE)
+    x_val = torch.cat([x_val, torch.ones(len(y_val), 1, dtype=x_val.dtype)], dim=1).to(SWEEP_DTYPE)  # (N_val, D + 1)
+    precond = Preconditioner.estimate(rows.x[:, :-1], num_classes, PRECONDITIONER_RANK)
+    prior = prior_init(y_train, num_classes, x_train.shape[1])
+    theta = torch.cat([prior.weight, prior.bias[:, None]], dim=1).to(SWEEP_DTYPE)  # (C, D + 1)
+    prev, fit = None, Fit(theta, theta @ rows.x.T, math.inf, Curvature([], [], math.inf))
+    best, best_correct = fit, -1
     val_top1: dict[float, float] = {}
     iterations = 0
     for l2 in sorted(l2_grid, reverse=True):
-        init = extrapolate(prev, model, l2)
-        prev, model = model, fit_logreg(x_train, y_train, num_classes, l2, init=init, max_iter=max_iter, tol=tol)
-        iterations += model.num_iterations
-        correct = correct_count(model, x_val, y_val)
+        theta, logits = extrapolate(prev, fit, l2)
+        on_path = fit if math.isfinite(fit.l2) else None  # the prior is no point to extrapolate from
+        prev, fit = on_path, minimise(rows, theta, logits, l2, precond, fit.curvature, max_iter=max_iter, tol=tol)
+        iterations += fit.num_iterations
+        correct = int(((fit.theta @ x_val.T).argmax(dim=0) == y_val).sum())
         val_top1[l2] = correct / len(y_val)
         if correct > best_correct:  # strict: an equal later (weaker) l2 does not replace it
-            best, best_correct = model, correct
-    return Sweep(dict(sorted(val_top1.items())), best, iterations)
+            best, best_correct = fit, correct
+    return Sweep(dict(sorted(val_top1.items())), best.model(), iterations, best.curvature, precond)
+
+
+def refit(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, sweep: Sweep, *, max_iter: int, tol: float
+) -> LogRegModel:
+    """Refit at the chosen l2 on (x, y), warm-started from the sweep: in SWEEP_DTYPE, then float64.
+
+    The float64 pass starts at the float32 solution, so it usually only confirms max |gradient|
+    <= ``tol`` in float64 (one logits and one gradient product) and runs iterations only if not.
+    """
+    start = sweep.best
+    theta = torch.cat([start.weight, start.bias[:, None]], dim=1)  # (C, D + 1) float64
+    iterations = 0
+    curvature = sweep.curvature
+    for dtype in (SWEEP_DTYPE, torch.float64):
+        rows = Rows.build(x, y, num_classes, dtype)
+        theta = theta.to(dtype)
+        fit = minimise(
+            rows, theta, theta @ rows.x.T, start.l2, sweep.precond.to(dtype), curvature, max_iter=max_iter, tol=tol
+        )
+        theta, curvature, iterations = fit.theta, None, iterations + fit.num_iterations
+    fit.num_iterations = iterations
+    return fit.model()
 
 
 def linear_probe(
@@ -315,8 +557,7 @@ def linear_probe(
         sweep = sweep_l2(xt, yt, xv, yv, num_classes, grid, max_iter=max_iter, tol=tol)
         final, iterations = sweep.best, sweep.num_iterations
         if refit_on_trainval:
-            xtv, ytv = torch.cat([xt, xv]), torch.cat([yt, yv])
-            final = fit_logreg(xtv, ytv, num_classes, final.l2, init=final, max_iter=max_iter, tol=tol)
+            final = refit(torch.cat([xt, xv]), torch.cat([yt, yv]), num_classes, sweep, max_iter=max_iter, tol=tol)
             iterations += final.num_iterations
     fit_seconds = time.perf_counter() - start
 
