@@ -25,7 +25,14 @@ from vitdistill.probes import (
 )
 from vitdistill.probes.fewshot import pm_one_targets, ridge_eigen
 from vitdistill.probes.knn import knn_votes
-from vitdistill.probes.linear import fit_logreg, fit_transform, logreg_loss_and_grad, sweep_l2
+from vitdistill.probes.linear import (
+    Preconditioner,
+    fit_logreg,
+    fit_transform,
+    logreg_loss_and_grad,
+    refit,
+    sweep_l2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +136,37 @@ def test_warm_started_sweep_reaches_the_cold_start_optimum():
     f_warm = float(logreg_loss_and_grad(xt, onehot, sweep.best.weight, sweep.best.bias, sweep.best.l2)[0])
     f_cold = float(logreg_loss_and_grad(xt, onehot, cold.weight, cold.bias, cold.l2)[0])
     assert f_warm == pytest.approx(f_cold, rel=1e-5, abs=1e-7)
+
+
+def test_float32_sweep_then_refit_meets_the_tolerance_in_float64():
+    """The sweep runs in float32; its choice and the refit still satisfy max |grad| <= tol in float64."""
+    x, y = gaussian_mixture(80, 4, 20, spread=1.0, seed=4)
+    xv, yv = gaussian_mixture(30, 4, 20, spread=1.0, seed=5)
+    xt, yt = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(y)
+    xv, yv = torch.from_numpy(xv.astype(np.float64)), torch.from_numpy(yv)
+    sweep = sweep_l2(xt, yt, xv, yv, 4, DEFAULT_L2_GRID)
+    xtv, ytv = torch.cat([xt, xv]), torch.cat([yt, yv])
+    final = refit(xtv, ytv, 4, sweep, max_iter=1000, tol=1e-4)
+    for xs, ys, model in ((xt, yt, sweep.best), (xtv, ytv, final)):
+        assert model.weight.dtype == torch.float64
+        onehot = torch.nn.functional.one_hot(ys, 4).T.to(torch.float64)  # (C, N)
+        _, grad_w, grad_b = logreg_loss_and_grad(xs, onehot, model.weight, model.bias, model.l2)
+        assert max(float(grad_w.abs().max()), float(grad_b.abs().max())) <= 1e-4
+
+
+@pytest.mark.parametrize("dim", [6, 40])  # the random block spans all of D, or 17 of 40 dims
+def test_preconditioner_finds_the_top_principal_directions(dim):
+    rng = np.random.default_rng(dim)
+    x = torch.from_numpy(rng.standard_normal((200, dim)) * np.linspace(3.0, 0.1, dim))  # (N, D) anisotropic
+    x = x - x.mean(dim=0)
+    exact = torch.linalg.eigvalsh(x.T @ x / len(x)).flip(0)  # descending
+    pre = Preconditioner.estimate(x, num_classes=3, rank=4)
+    assert pre.basis.shape == (dim, 4) and pre.eigvals.shape == (5,)
+    # Ritz values of a subspace never exceed the eigenvalues; two power iterations land close below
+    assert torch.all(pre.eigvals <= exact[:5] + 1e-12) and torch.all(pre.eigvals >= 0.95 * exact[:5])
+    if dim <= 4 + 1 + 8:
+        assert torch.allclose(pre.eigvals, exact[:5], rtol=1e-10)
+    assert torch.allclose(pre.basis.T @ pre.basis, torch.eye(4, dtype=torch.float64), atol=1e-10)
 
 
 def test_linear_probe_choice_ignores_test_data():

@@ -7,14 +7,19 @@ The objective for weights ``W`` (C, D) and bias ``b`` (C,) on N training rows is
 which is scikit-learn's ``LogisticRegression`` objective divided by ``C * N``: the same model as
 ``LogisticRegression(C=1 / (l2 * N))`` fitted on the same N rows (:func:`sklearn_c`). Note that
 the refit on train + val keeps l2, so its scikit-learn equivalent uses that larger N. It is
-solved in float64 with full-batch L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search) and
-analytic gradients, until max |gradient| <= ``tol`` (scikit-learn's lbfgs criterion and default).
+solved with full-batch L-BFGS and analytic gradients until max |gradient| <= ``tol``
+(scikit-learn's lbfgs criterion and default), by a solver written for this objective
+(:func:`minimise`): the bias is a column of ones, so logits and gradient are one product each,
+and the strong-Wolfe line search runs on the logits alone, so an iteration costs two products
+with the features, which dominate its cost.
 
 Protocol (:func:`linear_probe`): sweep ``l2`` from strong to weak regularisation on train, each
-fit warm-started by extrapolating the last two solutions along the path; pick the l2 with the
-best val top-1 (ties go to the stronger regularisation); refit at that l2 on train (+ val),
-warm-started from the train fit; score once on test. Test data is only read after the choice,
-so it cannot influence it.
+fit warm-started by extrapolating the last two solutions along the path and by the L-BFGS memory
+of the previous fit (:class:`Curvature`), preconditioned by the top principal directions of the
+train features (:class:`Preconditioner`), in float32; pick the l2 with the best val top-1 (ties
+go to the stronger regularisation); refit at that l2 on train (+ val), warm-started from the
+train fit, finished in float64 so the model meets ``tol`` in float64; score once on test. Test
+data is only read after the choice, so it cannot influence it.
 
 Features (:class:`FeatureTransform`, fitted on train only) are L2-normalised per row
 (``normalize``), centred on the train mean, and standardised (``standardize``): each dimension is
@@ -59,6 +64,7 @@ HISTORY_SIZE = 10
 # Line search: sufficient decrease (Armijo) and strong-Wolfe curvature constants.
 ARMIJO = 1e-4
 CURVATURE = 0.5
+LINE_SEARCH_TRIES = 20
 # Top principal directions of the train rows that the L-BFGS preconditioner flattens (Preconditioner).
 PRECONDITIONER_RANK = 8
 # The l2 sweep only decides the choice on val; the refit is finished in float64 (refit()).
@@ -195,6 +201,9 @@ class Rows:
         onehot[y, torch.arange(n)] = 1.0
         return cls(xa, onehot)
 
+    def to(self, dtype: torch.dtype) -> Rows:
+        return Rows(self.x.to(dtype), self.onehot.to(dtype))
+
     def grad(self, theta: torch.Tensor, logits: torch.Tensor, l2: float) -> torch.Tensor:
         """Gradient (C, D + 1) of the objective at ``theta``, given its ``logits = theta @ x.T``."""
         resid = torch.softmax(logits, dim=0).sub_(self.onehot)  # (C, N)
@@ -217,7 +226,7 @@ class Preconditioner:
     """
 
     basis: torch.Tensor  # (D, k) top eigenvectors of X^T X / N
-    eigvals: torch.Tensor  # (k + 1,) matching eigenvalues, descending; the last is the level they go to
+    eigvals: torch.Tensor  # (k + 1,) float64 matching eigenvalues, descending; the last is the level
     num_classes: int
 
     @classmethod
@@ -230,9 +239,9 @@ class Preconditioner:
         n, dim = x.shape
         width = min(dim, rank + 1 + oversample)
         gen = torch.Generator().manual_seed(0)
-        q = torch.randn(dim, width, generator=gen, dtype=torch.float64).to(x.dtype)  # (D, k + 1 + p)
+        q = torch.randn(dim, width, generator=gen, dtype=torch.float64).to(x.dtype)  # (D, width)
         for _ in range(2):
-            q = torch.linalg.qr(x.T @ (x @ q)).Q  # (D, width)
+            q = torch.linalg.qr(x.T @ (x @ q)).Q  # (D, width) orthonormal
         xq = (x @ q).double()  # (N, width)
         eigvals, vecs = torch.linalg.eigh(xq.T @ xq / n)  # ascending
         eigvals, vecs = eigvals.flip(0), vecs.flip(1)
@@ -247,8 +256,8 @@ class Preconditioner:
         """``H0 @ q`` for a (C, D + 1) gradient-shaped ``q``, up to L-BFGS's scalar."""
         a = 1.0 / self.num_classes  # softmax curvature near the prior
         level = a * float(self.eigvals[-1]) + l2
-        out = q.clone()
         shrink = (level / (a * self.eigvals[:-1] + l2) - 1.0).to(q.dtype)  # (k,)
+        out = q.clone()
         out[:, :-1] += ((q[:, :-1] @ self.basis) * shrink) @ self.basis.T
         out[:, -1] *= level / a
         return out
@@ -276,7 +285,8 @@ class Curvature:
         return Curvature(list(self.s), y, l2)
 
     def push(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        if torch.vdot(s.flatten(), y.flatten()) > 1e-10 * torch.vdot(y.flatten(), y.flatten()):
+        """Keep the pair if it has positive curvature (always, up to rounding: the objective is convex)."""
+        if float(torch.vdot(s.flatten(), y.flatten())) > 1e-10 * float(torch.vdot(y.flatten(), y.flatten())):
             self.s.append(s)
             self.y.append(y)
             if len(self.s) > HISTORY_SIZE:
@@ -284,62 +294,66 @@ class Curvature:
 
     def direction(self, g: torch.Tensor, precond: Preconditioner) -> torch.Tensor:
         """Two-loop recursion: ``-H g`` with ``H`` the L-BFGS inverse Hessian built on ``H0``."""
-        flat = [(s.flatten(), y.flatten()) for s, y in zip(self.s, self.y, strict=True)]
-        rho = [1.0 / float(torch.vdot(s, y)) for s, y in flat]
+        pairs = [(s.flatten(), y.flatten()) for s, y in zip(self.s, self.y, strict=True)]
+        rho = [1.0 / float(torch.vdot(s, y)) for s, y in pairs]
         q = g.flatten().clone()
         alpha = []
-        for (s, y), r in zip(reversed(flat), reversed(rho), strict=True):
+        for (s, y), r in zip(reversed(pairs), reversed(rho), strict=True):
             alpha.append(r * float(torch.vdot(s, q)))
             q.add_(y, alpha=-alpha[-1])
         q = precond.apply(q.view_as(g), self.l2).flatten()
-        if flat:  # scale H0 by s.y / y.H0.y from the newest pair, as usual
-            s, y = flat[-1]
+        if pairs:  # scale H0 by s.y / y.H0.y from the newest pair, as usual
+            s, y = pairs[-1]
             q.mul_(float(torch.vdot(s, y)) / float(torch.vdot(y, precond.apply(self.y[-1], self.l2).flatten())))
-        else:  # first step: a short one; the line search sizes it
+        else:  # no curvature yet: a short first step, which the line search then sizes
             q.mul_(min(1.0, 1.0 / float(g.abs().sum())))
-        for (s, y), r, a in zip(flat, rho, reversed(alpha), strict=True):
+        for (s, y), r, a in zip(pairs, rho, reversed(alpha), strict=True):
             q.add_(s, alpha=a - r * float(torch.vdot(y, q)))
         return q.neg_().view_as(g)
 
 
 def line_search(
-    logits: torch.Tensor, step_logits: torch.Tensor, onehot: torch.Tensor, wd: float, dd: float, l2: float, max_tries: int = 20
+    logits: torch.Tensor, step_logits: torch.Tensor, onehot: torch.Tensor, wd: float, dd: float, l2: float
 ) -> float:
-    """Step length t along a direction d, satisfying the strong Wolfe conditions.
+    """Step length t along a descent direction d meeting the strong Wolfe conditions; 0 if none found.
 
     ``phi(t) = f(theta + t d)`` only needs the (C, N) logits ``logits + t * step_logits`` (with
-    ``step_logits = d @ x.T``) and the penalty, a quadratic in t from ``ww = |W|^2``,
-    ``wd = W.dW`` and ``dd = |dW|^2``: every trial is O(C N), without touching x. Trials follow
-    safeguarded Newton steps on phi' from t = 1, in float64 whatever the solver dtype, with
-    ``phi(t) - phi(0)`` summed from ``log1p(sum_c p_c expm1(t z_c))`` so that it stays exact for
-    the tiny steps of a tight tolerance.
+    ``step_logits = d @ x.T``) and the change of the penalty, a quadratic in t from ``wd = W.dW``
+    and ``dd = |dW|^2``: every trial is O(C N), without touching x. Trials follow safeguarded
+    Newton steps on phi' from t = 1, in float64 whatever the solver dtype, with ``phi(t) - phi(0)``
+    summed from ``log1p(sum_c p_c expm1(t z_c))`` so that it stays exact for the tiny steps of a
+    tight tolerance.
     """
     n = logits.shape[1]
     logp0 = torch.log_softmax(logits.double(), dim=0)  # (C, N)
     p0 = logp0.exp()
     z = step_logits.double()  # (C, N)
-    z_true = float((z * onehot).sum()) / n  # mean logit change of the true class, per unit t
+    z_true = float((z * onehot).sum()) / n  # mean change of the true-class logit per unit t
     slope0 = float((p0 * z).sum()) / n - z_true + l2 * wd  # phi'(0) < 0
     lo, hi, t = 0.0, math.inf, 1.0
-    for _ in range(max_tries):
-        tz = (t * z).clamp_max(700.0)
+    best_t, best_change = 0.0, 0.0
+    for _ in range(LINE_SEARCH_TRIES):
+        tz = (t * z).clamp_max(700.0)  # (C, N); keeps expm1 finite on absurd trial steps
         lse_change = torch.log1p((p0 * torch.expm1(tz)).sum(dim=0))  # (N,) lse(l + t z) - lse(l)
-        decrease = float(lse_change.sum()) / n - t * z_true + l2 * (t * wd + 0.5 * t * t * dd)
+        change = float(lse_change.sum()) / n - t * z_true + l2 * (t * wd + 0.5 * t * t * dd)  # phi(t) - phi(0)
         p = torch.softmax(logp0 + tz, dim=0)  # (C, N)
         pz = (p * z).sum(dim=0)  # (N,)
-        slope = float(pz.sum()) / n - z_true + l2 * (wd + t * dd)
-        if decrease <= ARMIJO * t * slope0 and abs(slope) <= CURVATURE * abs(slope0):
+        slope = float(pz.sum()) / n - z_true + l2 * (wd + t * dd)  # phi'(t)
+        sufficient = change <= ARMIJO * t * slope0
+        if sufficient and abs(slope) <= CURVATURE * abs(slope0):
             return t
-        if decrease > ARMIJO * t * slope0 or slope > 0:
+        if change < best_change:
+            best_t, best_change = t, change
+        if not sufficient or slope > 0:
             hi = t
         else:
             lo = t
-        curvature = float((p * z * z).sum() - pz.square().sum()) / n + l2 * dd
+        curvature = float((p * z * z).sum() - pz.square().sum()) / n + l2 * dd  # phi''(t)
         t_next = t - slope / curvature if curvature > 0 else math.nan
         if not lo < t_next < hi:  # Newton left the bracket: bisect, or expand while unbounded
             t_next = 0.5 * (lo + hi) if math.isfinite(hi) else 4.0 * t
         t = t_next
-    return t
+    return best_t
 
 
 @dataclass
@@ -347,7 +361,6 @@ class Fit:
     """Solver state at a solution of the objective at ``l2``."""
 
     theta: torch.Tensor  # (C, D + 1): [W | b]
-    logits: torch.Tensor  # (C, N) theta @ x.T on the fitted rows
     l2: float
     curvature: Curvature
     num_iterations: int = 0
@@ -360,7 +373,6 @@ class Fit:
 def minimise(
     rows: Rows,
     theta: torch.Tensor,
-    logits: torch.Tensor,
     l2: float,
     precond: Preconditioner,
     curvature: Curvature | None = None,
@@ -368,30 +380,33 @@ def minimise(
     max_iter: int = 1000,
     tol: float = DEFAULT_TOL,
 ) -> Fit:
-    """L-BFGS from ``theta`` (C, D + 1) with its ``logits`` (C, N) until max |gradient| <= ``tol``.
+    """L-BFGS from ``theta`` (C, D + 1) until max |gradient| <= ``tol``, in the dtype of ``rows``.
 
     Two products with x per iteration (the step's logits, then the new gradient): the line search
-    works on logits alone, and the logits are updated, not recomputed. ``curvature`` is memory to
-    start from (see :meth:`Curvature.at`).
+    works on logits alone, and the logits are updated along the step, not recomputed.
+    ``curvature`` is memory to start from (see :meth:`Curvature.at`).
     """
     memory = Curvature([], [], l2) if curvature is None else curvature.at(l2)
+    logits = theta @ rows.x.T  # (C, N)
     g = rows.grad(theta, logits, l2)
     iterations = 0
     while float(g.abs().max()) > tol and iterations < max_iter:
         d = memory.direction(g, precond)  # (C, D + 1)
-        if torch.vdot(g.flatten(), d.flatten()) >= 0:  # not a descent direction (rounding): restart
+        if float(torch.vdot(g.flatten(), d.flatten())) >= 0:  # stale memory (rounding): restart from H0
             memory = Curvature([], [], l2)
             d = memory.direction(g, precond)
         step_logits = d @ rows.x.T  # (C, N)
         wd, dd = float((theta[:, :-1] * d[:, :-1]).sum()), float(d[:, :-1].square().sum())
         t = line_search(logits, step_logits, rows.onehot, wd, dd, l2)
+        if t == 0.0:  # no step lowers the objective in this precision: as converged as it gets
+            break
         theta = theta + t * d
         logits = logits + t * step_logits
         g_next = rows.grad(theta, logits, l2)
         memory.push(t * d, g_next - g)
         g = g_next
         iterations += 1
-    return Fit(theta, logits, l2, memory, iterations)
+    return Fit(theta, l2, memory, iterations)
 
 
 def fit_logreg(
@@ -407,23 +422,22 @@ def fit_logreg(
     """Minimise the module objective on (x (N, D), y (N,) int64) in x's dtype, from ``init`` or the prior."""
     if init is None:
         init = prior_init(y, num_classes, x.shape[1])
-    rows = Rows.build(x, y, num_classes, x.dtype)
     theta = torch.cat([init.weight, init.bias[:, None]], dim=1).to(x.dtype)  # (C, D + 1)
     precond = Preconditioner.estimate(x, num_classes, PRECONDITIONER_RANK)
-    return minimise(rows, theta, theta @ rows.x.T, l2, precond, max_iter=max_iter, tol=tol).model()
+    rows = Rows.build(x, y, num_classes, x.dtype)
+    return minimise(rows, theta, l2, precond, max_iter=max_iter, tol=tol).model()
 
 
-def extrapolate(prev: Fit | None, cur: Fit, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warm start (theta, logits) for ``l2``: a secant step along the path, linear in log(l2).
+def extrapolate(prev: Fit | None, cur: Fit, l2: float) -> torch.Tensor:
+    """Warm start theta for ``l2``: a secant step along the regularisation path, linear in log(l2).
 
-    The path theta(l2) is smooth in log(l2), so continuing the last step lands much closer to the
-    next optimum than ``cur`` itself; the logits are linear in theta, so they follow without a
-    product. It is only a starting point: the fit is exact either way.
+    The path theta(l2) is smooth in log(l2), so continuing the last step lands much closer to
+    the next optimum than ``cur`` itself. It is only a starting point: the fit is exact either way.
     """
     if prev is None:
-        return cur.theta, cur.logits
+        return cur.theta
     r = math.log(l2 / cur.l2) / math.log(cur.l2 / prev.l2)
-    return cur.theta + r * (cur.theta - prev.theta), cur.logits + r * (cur.logits - prev.logits)
+    return cur.theta + r * (cur.theta - prev.theta)
 
 
 @contextmanager
@@ -464,23 +478,23 @@ def sweep_l2(
     """Fit train from strong to weak l2 with warm starts; keep the best val top-1 (ties: stronger l2).
 
     Solved in SWEEP_DTYPE: the choice only needs val predictions, and float32 halves the cost of
-    every product while its gradient is still exact far below ``tol``.
+    every product while its gradient stays accurate far below ``tol``.
     """
     rows = Rows.build(x_train, y_train, num_classes, SWEEP_DTYPE)
-    x_val = torch.cat([x_val, torch.ones(len(y_val), 1, dtype=x_val.dtype)], dim=1).to(SWEEP_DTYPE)  # (N_val, D + 1)
+    val_rows = Rows.build(x_val, y_val, num_classes, SWEEP_DTYPE)
     precond = Preconditioner.estimate(rows.x[:, :-1], num_classes, PRECONDITIONER_RANK)
     prior = prior_init(y_train, num_classes, x_train.shape[1])
     theta = torch.cat([prior.weight, prior.bias[:, None]], dim=1).to(SWEEP_DTYPE)  # (C, D + 1)
-    prev, fit = None, Fit(theta, theta @ rows.x.T, math.inf, Curvature([], [], math.inf))
+    prev, fit = None, Fit(theta, prior.l2, Curvature([], [], prior.l2))
     best, best_correct = fit, -1
     val_top1: dict[float, float] = {}
     iterations = 0
     for l2 in sorted(l2_grid, reverse=True):
-        theta, logits = extrapolate(prev, fit, l2)
+        theta = extrapolate(prev, fit, l2)
         on_path = fit if math.isfinite(fit.l2) else None  # the prior is no point to extrapolate from
-        prev, fit = on_path, minimise(rows, theta, logits, l2, precond, fit.curvature, max_iter=max_iter, tol=tol)
+        prev, fit = on_path, minimise(rows, theta, l2, precond, fit.curvature, max_iter=max_iter, tol=tol)
         iterations += fit.num_iterations
-        correct = int(((fit.theta @ x_val.T).argmax(dim=0) == y_val).sum())
+        correct = int(((fit.theta @ val_rows.x.T).argmax(dim=0) == y_val).sum())
         val_top1[l2] = correct / len(y_val)
         if correct > best_correct:  # strict: an equal later (weaker) l2 does not replace it
             best, best_correct = fit, correct
@@ -493,21 +507,18 @@ def refit(
     """Refit at the chosen l2 on (x, y), warm-started from the sweep: in SWEEP_DTYPE, then float64.
 
     The float64 pass starts at the float32 solution, so it usually only confirms max |gradient|
-    <= ``tol`` in float64 (one logits and one gradient product) and runs iterations only if not.
+    <= ``tol`` in float64 (one logits and one gradient product), and iterates only where not: the
+    returned model meets the tolerance in float64.
     """
-    start = sweep.best
-    theta = torch.cat([start.weight, start.bias[:, None]], dim=1)  # (C, D + 1) float64
-    iterations = 0
-    curvature = sweep.curvature
-    for dtype in (SWEEP_DTYPE, torch.float64):
-        rows = Rows.build(x, y, num_classes, dtype)
-        theta = theta.to(dtype)
-        fit = minimise(
-            rows, theta, theta @ rows.x.T, start.l2, sweep.precond.to(dtype), curvature, max_iter=max_iter, tol=tol
-        )
-        theta, curvature, iterations = fit.theta, None, iterations + fit.num_iterations
-    fit.num_iterations = iterations
-    return fit.model()
+    l2 = sweep.best.l2
+    rows = Rows.build(x, y, num_classes, torch.float64)
+    theta = torch.cat([sweep.best.weight, sweep.best.bias[:, None]], dim=1)  # (C, D + 1) float64
+    fast = minimise(
+        rows.to(SWEEP_DTYPE), theta.to(SWEEP_DTYPE), l2, sweep.precond, sweep.curvature, max_iter=max_iter, tol=tol
+    )
+    exact = minimise(rows, fast.theta.double(), l2, sweep.precond.to(torch.float64), max_iter=max_iter, tol=tol)
+    exact.num_iterations += fast.num_iterations
+    return exact.model()
 
 
 def linear_probe(
