@@ -89,14 +89,14 @@ def verdict(rows: list[Row]) -> str:
 
 
 def headline_text(rows: list[Row]) -> str:
-    """A short line for terminals and Prefect descriptions."""
+    """A short line for terminals and Prefect descriptions: the tally, then student vs teacher."""
     t = tally(rows)
     parts = [f"student better on {t['student']}/{sum(t.values())} headline metrics, teacher on {t['teacher']}"]
     for key, short in (("calibration/accuracy", "top-1"), ("calibration/ece", "ECE"),
                        ("robustness/mean_relative_drop", "corruption drop"), ("shape_bias/shape_bias", "shape bias")):
         row = next((r for r in rows if r.key == key), None)
         if row is not None:
-            parts.append(f"{short} {fmt(row.student)} vs {fmt(row.teacher)}")
+            parts.append(f"{short} {row.student:.3f} vs {row.teacher:.3f}")
     return "; ".join(parts)
 
 
