@@ -23,6 +23,14 @@ def _figure(w: float, h: float) -> Figure:
     return fig
 
 
+def _grid(n: int, cols: int, w: float, h: float) -> tuple[Figure, list]:
+    """A figure of ``n`` small panels, ``cols`` per row, each ``w`` x ``h`` inches."""
+    cols = min(cols, n)
+    rows_n = -(-n // cols)
+    fig = _figure(w * cols, h * rows_n)
+    return fig, [fig.add_subplot(rows_n, cols, i + 1) for i in range(n)]
+
+
 def _models(rows: list[Row]) -> list[str]:
     return [m for m in MODELS if any(not np.isnan(getattr(r, m)) for r in rows)]
 
@@ -65,11 +73,8 @@ def robustness_figure(metrics: dict[str, float]) -> Figure | None:
     if not curves:
         return None
     names = sorted(curves)
-    cols = min(3, len(names))
-    rows_n = -(-len(names) // cols)
-    fig = _figure(3.6 * cols, 2.8 * rows_n)
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows_n, cols, i + 1)
+    fig, axes = _grid(len(names), 3, 3.6, 2.8)
+    for i, (name, ax) in enumerate(zip(names, axes)):
         for model, by_sev in curves[name].items():
             clean = metrics.get(f"{model}/robustness/clean_accuracy")
             sev = sorted(by_sev)
@@ -158,11 +163,8 @@ def curves_figure(stage: str, curves: dict[str, list[tuple[int, float]]]) -> Fig
     if not curves:
         return None
     names = sorted(curves)
-    cols = min(4, len(names))
-    rows_n = -(-len(names) // cols)
-    fig = _figure(3.2 * cols, 2.3 * rows_n)
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows_n, cols, i + 1)
+    fig, axes = _grid(len(names), 4, 3.2, 2.3)
+    for name, ax in zip(names, axes):
         steps, values = zip(*curves[name])
         ax.plot(steps, values, "o-", markersize=2, color="tab:purple")
         ax.set_title(name, fontsize=9)
