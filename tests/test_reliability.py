@@ -110,3 +110,12 @@ def test_missing_s3_credentials_is_one_line(tmp_path, s3_server):
     error_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(error_lines) == 1 and "no S3 credentials" in error_lines[0] and "AWS_ACCESS_KEY_ID" in error_lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_progress_bars_honour_tqdm_disable(monkeypatch):
+    from vitdistill.progress import progress_bar
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not progress_bar(True, total=1).disable and progress_bar(False, total=1).disable
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert progress_bar(True, total=1).disable

@@ -32,7 +32,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vitdistill import __version__
 from vitdistill.cache import fs
@@ -43,6 +42,7 @@ from vitdistill.data.ingest import InputSet
 from vitdistill.data.splits import SPLITS, assign_split
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher
+from vitdistill.progress import progress_bar
 
 FORMAT_VERSION = 1
 
@@ -319,7 +319,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
     fs.makedirs(plan.cache_dir)
     t0 = time.perf_counter()
     count = 0
-    bar = tqdm(desc=shard.rsplit("/", 1)[-1], unit="img", disable=not progress, leave=False)
+    bar = progress_bar(progress, desc=shard.rsplit("/", 1)[-1], unit="img", leave=False)
     pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="decode")
     try:
         batches = _batches(shard, transform, batch_size, plan.on_error, skipped, pool)

@@ -13,13 +13,13 @@ import json
 from dataclasses import asdict, dataclass
 
 from braceexpand import braceexpand
-from tqdm.auto import tqdm
 
 from vitdistill.cache import fs
 from vitdistill.cache.tario import TarShardWriter
 from vitdistill.config import VitdistillConfig
 from vitdistill.data.datasets import RawSample, create_dataset
 from vitdistill.errors import DataError
+from vitdistill.progress import progress_bar
 
 INGEST_FORMAT = 1
 
@@ -87,7 +87,7 @@ def ingest(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
 def _write_shards(ds, out_dir: str, per_shard: int, fingerprint: str, progress: bool) -> dict:
     fs.makedirs(out_dir)
     shards: list[dict] = []
-    bar = tqdm(desc=f"ingest {ds.name}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(progress, desc=f"ingest {ds.name}", unit="img", leave=False)
     samples = iter(ds)
     index = 0
     while True:

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitdistill.cache import fs
 from vitdistill.distill.errors import DistillError
+from vitdistill.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 
@@ -252,8 +252,8 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         autocast = self.device.type == "cuda" and self.cfg.precision == "bf16"
         last: dict[str, float] = {}
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not self.cfg.progress or self.rank,
-                   leave=False, desc="distill")
+        bar = progress_bar(self.cfg.progress and not self.rank, total=self.total_steps, initial=self.step, unit="step",
+                           leave=False, desc="distill")
         self.model.train()
         while self.epoch < self.cfg.epochs:
             t_epoch = time.perf_counter()

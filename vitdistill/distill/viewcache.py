@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from vitdistill import __version__
 from vitdistill.cache import fs
@@ -36,6 +35,7 @@ from vitdistill.distill.data import iter_shard_images, split_params
 from vitdistill.distill.views import InputSpec, View, render_batch, sample_view, view_rng
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher
+from vitdistill.progress import progress_bar
 
 VIEWS_FORMAT = 1
 
@@ -149,7 +149,7 @@ def _build_view_shard(plan: ViewCachePlan, index: int, progress: bool) -> dict:
     t0 = time.perf_counter()
     teacher_s = 0.0
     pending: list[tuple[str, torch.Tensor, list[View]]] = []
-    bar = tqdm(desc=f"views {shard.rsplit('/', 1)[-1]}", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(progress, desc=f"views {shard.rsplit('/', 1)[-1]}", unit="img", leave=False)
 
     def flush(writer: TarShardWriter) -> None:
         nonlocal teacher_s

@@ -23,11 +23,11 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitdistill.config import LitConfig
 from vitdistill.lit.data import LitData, LitSplit
 from vitdistill.lit.model import LitModel
+from vitdistill.progress import progress_bar
 
 ENCODE_BATCH = 256  # texts per tower forward pass outside training
 
@@ -128,7 +128,7 @@ def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig
     opt = make_optimizer(model, loss_fn, cfg, frozen_text)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
     history: list[dict] = []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="lit", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=cfg.epochs * steps_per_epoch, desc="lit", unit="step", leave=False)
     try:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
