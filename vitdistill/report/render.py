@@ -143,7 +143,7 @@ def _stage_metrics(s: StageRun) -> str:
 def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, Any]) -> str:
     """The whole report page. ``figures``: ``headline``, ``reliability``, ``robustness``, ``subgroup``,
     ``shape_bias`` and ``curves/<stage>`` (each a Figure or None)."""
-    p = run.params
+    params = run.params
     title = f"vitdistill report: {run.name}"
     flow = run.tags.get("prefect.flow_run_name")
     meta = [
@@ -151,8 +151,8 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, Any]) -> s
         f"<b>{html.escape(run.experiment_name)}</b> at <code>{html.escape(run.tracking_uri)}</code>",
         f"started {when(run.start_ms)}, took {run.seconds or 0:.1f} s"
         + (f"; Prefect flow run <b>{html.escape(flow)}</b> (<code>{html.escape(run.tags.get('prefect.flow_run_id', ''))}</code>)" if flow else ""),
-        f"teacher <b>{html.escape(p.get('teacher.name', '?'))}</b>, student <b>{html.escape(p.get('student.name', '?'))}</b>, "
-        f"data <b>{html.escape(p.get('data.source', '?'))}</b>",
+        f"teacher <b>{html.escape(params.get('teacher.name', '?'))}</b>, student <b>{html.escape(params.get('student.name', '?'))}</b>, "
+        f"data <b>{html.escape(params.get('data.source', '?'))}</b>",
     ]
     if run.run_url:
         meta.append(f'<a href="{html.escape(run.run_url)}">open the run in the MLflow UI</a>')
@@ -191,7 +191,7 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, Any]) -> s
         parts.append("<h2>Config</h2><details><summary>the resolved config of this run (config.yaml)</summary>"
                      f"<pre>{html.escape(run.config_yaml)}</pre></details>")
     parts.append("</body></html>")
-    return "\n".join(p for p in parts if p)
+    return "\n".join(part for part in parts if part)
 
 
 def render_markdown(run: PipelineRun, rows: list[Row], where: dict[str, str]) -> str:
