@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitdistill import __version__
 from vitdistill.cache import fs
 from vitdistill.cache.tario import TarShardWriter, UnreadableShardError, dump_npy, iter_tar_samples
 from vitdistill.config import TeacherConfig, VitdistillConfig
@@ -373,11 +372,7 @@ def finalize_cache(plan: ExtractionPlan, records: list[dict]) -> dict:
     if num == 0:
         raise CacheError(f"{plan.cache_dir}: no sample could be extracted ({len(skipped)} skipped)")
     fresh = [r for r in records if not r.get("reused")]
-    manifest = {
-        "format": FORMAT_VERSION,
-        "kind": "features",
-        "code_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return plan.publish_manifest("features", FORMAT_VERSION, {
         "teacher": plan.teacher,
         "preprocessing": plan.preprocessing,
         "dtype": plan.dtype,
@@ -395,10 +390,7 @@ def finalize_cache(plan: ExtractionPlan, records: list[dict]) -> dict:
             "samples_extracted": sum(r["count"] for r in fresh),
             "extract_seconds": round(sum(r["seconds"] for r in fresh), 3),
         },
-    }
-    fs.write_json_atomic(plan.manifest_url, manifest)
-    fs.remove_stale_tmp(plan.cache_dir)
-    return manifest
+    })
 
 
 def extract(cfg: VitdistillConfig, inputs: InputSet, progress: bool = True) -> tuple[ExtractionPlan, dict]:

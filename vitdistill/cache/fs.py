@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from typing import IO, Any, Callable, Iterator
@@ -228,6 +229,17 @@ class ShardedCachePlan:
                 if done is None:
                     return {**build(index), "reused": False}
         return {**done, "reused": True}
+
+    def publish_manifest(self, kind: str, fmt: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Write ``manifest.json``, stamped with format, kind, code version and time, after every
+        shard (it is written last, so its presence means the cache is whole); returns it."""
+        from vitdistill import __version__
+
+        manifest = {"format": fmt, "kind": kind, "code_version": __version__,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **body}
+        write_json_atomic(self.manifest_url, manifest)
+        remove_stale_tmp(self.cache_dir)
+        return manifest
 
     def ordered_records(self, records: list[dict], rerun: str) -> list[dict]:
         """One record per input shard, in input order; anything missing is an error saying what to re-run."""

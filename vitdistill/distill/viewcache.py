@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitdistill import __version__
 from vitdistill.cache import fs
 from vitdistill.cache.tario import TarShardWriter, dump_npy, iter_tar_samples, load_npy
 from vitdistill.config import TeacherConfig, VitdistillConfig
@@ -201,11 +200,7 @@ def finalize_view_cache(plan: ViewCachePlan, records: list[dict]) -> dict:
     if num == 0:
         raise CacheError(f"{plan.cache_dir}: no training image to cache views for")
     fresh = [r for r in records if not r.get("reused")]
-    manifest = {
-        "format": VIEWS_FORMAT,
-        "kind": "views",
-        "code_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return plan.publish_manifest("views", VIEWS_FORMAT, {
         "teacher": plan.teacher,
         "teacher_input": plan.teacher_input,
         "dataset": plan.dataset,
@@ -217,10 +212,7 @@ def finalize_view_cache(plan: ViewCachePlan, records: list[dict]) -> dict:
         "stats": {"shards_built": len(fresh), "shards_reused": len(records) - len(fresh),
                   "seconds": round(sum(r["seconds"] for r in fresh), 3),
                   "teacher_seconds": round(sum(r["teacher_seconds"] for r in fresh), 3)},
-    }
-    fs.write_json_atomic(plan.manifest_url, manifest)
-    fs.remove_stale_tmp(plan.cache_dir)
-    return manifest
+    })
 
 
 def build_view_cache(cfg: VitdistillConfig, inputs: InputSet, progress: bool = True) -> tuple[ViewCachePlan, dict]:
