@@ -91,12 +91,13 @@ class Tracker:
         self.client.log_text(run_id, text, artifact_file)
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
-        buf = io.BytesIO()
-        figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        self.log_bytes(run_id, figure_png(figure), artifact_file)
+
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, os.path.basename(artifact_file))
             with open(path, "wb") as f:
-                f.write(buf.getvalue())
+                f.write(data)
             self.client.log_artifact(run_id, path, os.path.dirname(artifact_file) or None)
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
@@ -172,6 +173,13 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             return f"open {self.uri}"
         return f"mlflow ui --backend-store-uri {self.uri} --port 5000"
+
+
+def figure_png(figure: Any, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes, as every figure this project logs is stored."""
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:

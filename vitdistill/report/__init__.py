@@ -22,7 +22,7 @@ from vitdistill.report import plots
 from vitdistill.report.compare import Row, compare, describe, models_present, tally
 from vitdistill.report.gather import PipelineRun, StageRun, find_parent_run_id, gather_run
 from vitdistill.report.render import headline_text, render_html, render_markdown, verdict
-from vitdistill.tracking import Tracker
+from vitdistill.tracking import Tracker, figure_png
 
 ARTIFACT_DIR = "report"
 
@@ -67,7 +67,7 @@ def build_report(tracker: Tracker, run_id: str | None = None, out_dir: str = "re
     evaluate stage), render it, write ``<out_dir>/<run_id>/report.html`` and log it to MLflow."""
     run = gather_run(tracker, run_id, figures=stage_figures)
     rows = compare(run.stages["evaluate"].metrics)
-    figures = draw_figures(run, rows)
+    figures = {name: figure_png(fig) for name, fig in draw_figures(run, rows).items() if fig is not None}
     page = render_html(run, rows, figures)
     out_dir = out_dir if fs.is_remote(out_dir) else os.path.abspath(out_dir)
     html_path = fs.join(out_dir, run.run_id, "report.html")
@@ -81,11 +81,10 @@ def build_report(tracker: Tracker, run_id: str | None = None, out_dir: str = "re
     fs.write_json_atomic(fs.join(out_dir, run.run_id, "report.json"), summary)
     tracker.log_text(run.run_id, page, f"{ARTIFACT_DIR}/report.html")
     tracker.log_dict(run.run_id, summary, f"{ARTIFACT_DIR}/report.json")
-    for name, fig in figures.items():
-        if fig is not None:
-            tracker.log_figure(run.run_id, fig, f"{ARTIFACT_DIR}/{name.replace('/', '_')}.png")
+    for name, png in figures.items():
+        tracker.log_bytes(run.run_id, png, f"{ARTIFACT_DIR}/{name.replace('/', '_')}.png")
     tracker.set_tags(run.run_id, {"vitdistill.report": artifact_uri})
-    return ReportResult(run.run_id, run.name, html_path, artifact_uri, headline_text(rows), verdict(rows),
+    return ReportResult(run.run_id, run.name, html_path, artifact_uri, headline_text(rows), summary["verdict"],
                         render_markdown(run, rows, where), summary["rows"], summary["wins"], run.run_url)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import io
 import math
 from typing import Any
 
@@ -66,14 +65,8 @@ def when(ms: int | None) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ms else "-"
 
 
-def png_data_uri(fig_or_png: Any) -> str:
-    if isinstance(fig_or_png, bytes):
-        data = fig_or_png
-    else:
-        buf = io.BytesIO()
-        fig_or_png.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        data = buf.getvalue()
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def verdict(rows: list[Row]) -> str:
@@ -121,8 +114,8 @@ def _comparison_table(rows: list[Row]) -> str:
     return _table(["metric", "teacher", "student", "student - teacher", "better", "winner"], body, classes)
 
 
-def _img(fig: Any, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="{png_data_uri(fig)}">' if fig is not None else ""
+def _img(png: bytes | None, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="{png_data_uri(png)}">' if png is not None else ""
 
 
 def _stage_overview(run: PipelineRun) -> str:
@@ -140,9 +133,9 @@ def _stage_metrics(s: StageRun) -> str:
     return _table(["metric", "value"], body)
 
 
-def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, Any]) -> str:
-    """The whole report page. ``figures``: ``headline``, ``reliability``, ``robustness``, ``subgroup``,
-    ``shape_bias`` and ``curves/<stage>`` (each a Figure or None)."""
+def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, bytes]) -> str:
+    """The whole report page. ``figures`` (PNG bytes, each optional): ``headline``, ``reliability``,
+    ``robustness``, ``subgroup``, ``shape_bias`` and ``curves/<stage>``."""
     params = run.params
     title = f"vitdistill report: {run.name}"
     flow = run.tags.get("prefect.flow_run_name")
