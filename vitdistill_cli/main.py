@@ -12,6 +12,7 @@ Every stage command takes ``-c/--config FILE``, repeatable ``--set dotted.key=va
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -157,19 +158,27 @@ def check_prefect_api(required: bool = False) -> str | None:
     return api
 
 
+def _before_flows(config: Path | None, sets: list[str] | None, debug: bool, prefect_level: int = logging.INFO):
+    """The config, after the checks that fail in one line before any flow run (Prefect API, MLflow
+    server), with Prefect's logs at ``prefect_level`` and cut to one line unless ``debug``."""
+    cfg = _load(config, sets)
+    check_prefect_api()
+    from vitdistill.tracking import get_tracker
+
+    get_tracker(cfg.tracking)  # an unreachable MLflow server fails here
+    importlib.import_module("flows.pipeline")  # sets up Prefect's logging, whose handlers are then quietened
+
+    if not debug:
+        logging.getLogger("prefect").setLevel(prefect_level)
+        _quiet_prefect_tracebacks()
+    return cfg
+
+
 def _run_target(target: str, config: Path | None, sets: list[str] | None, json_path: Path | None, debug: bool) -> None:
     def body() -> dict:
-        cfg = _load(config, sets)
-        check_prefect_api()
-        from vitdistill.tracking import get_tracker
-
-        get_tracker(cfg.tracking)  # an unreachable MLflow server fails here, in one line, before any flow run
-        if not debug:
-            logging.getLogger("prefect").setLevel(logging.INFO)
+        cfg = _before_flows(config, sets, debug)
         from flows.pipeline import FLOWS
 
-        if not debug:
-            _quiet_prefect_tracebacks()
         result = FLOWS[target](cfg)
         _write_json(json_path, result)
         return result
@@ -212,18 +221,12 @@ def report_cmd(run_id: RunIdArg = None, config: ConfigOpt = None, set_: SetOpt =
     """One HTML report of a finished run: teacher vs student across every evaluation, and every stage."""
 
     def body() -> dict:
-        cfg = _load(config, set_)
-        check_prefect_api()
+        cfg = _before_flows(config, set_, debug, prefect_level=logging.WARNING)
+        from flows.pipeline import report_flow
+        from vitdistill.report import find_parent_run_id
         from vitdistill.tracking import get_tracker
 
-        from vitdistill.report import find_parent_run_id
-
         find_parent_run_id(get_tracker(cfg.tracking), run_id)  # a wrong id fails here, in one line, before Prefect starts
-        from flows.pipeline import report_flow
-
-        if not debug:
-            logging.getLogger("prefect").setLevel(logging.WARNING)
-            _quiet_prefect_tracebacks()
         return report_flow(cfg, run_id)
 
     result = _guard(debug, body)
