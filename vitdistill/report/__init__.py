@@ -19,7 +19,7 @@ from typing import Any
 
 from vitdistill.cache import fs
 from vitdistill.report import plots
-from vitdistill.report.compare import Row, compare, describe, models_present, tally
+from vitdistill.report.compare import Row, compare, describe, tally
 from vitdistill.report.gather import PipelineRun, StageRun, find_parent_run_id, gather_run
 from vitdistill.report.render import headline_text, render_html, render_markdown, verdict
 from vitdistill.tracking import Tracker, figure_png
@@ -90,5 +90,5 @@ def build_report(tracker: Tracker, run_id: str | None = None, out_dir: str = "re
 
 __all__ = [
     "PipelineRun", "ReportResult", "Row", "StageRun", "build_report", "compare", "describe", "draw_figures",
-    "find_parent_run_id", "gather_run", "models_present", "tally",
+    "find_parent_run_id", "gather_run", "tally",
 ]

@@ -73,13 +73,18 @@ class Row:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
 
 
-def describe(key: str) -> tuple[str, str | None, bool]:
-    """``(label, better, headline)`` of an ``<evaluator>/<metric>`` key; unknown keys: the key, None, False."""
-    for pattern, label, better, headline in CATALOGUE:
+def _entry(key: str) -> tuple[int, str, str | None, bool]:
+    """``(catalogue rank, label, better, headline)``; unknown keys rank last, labelled by the key."""
+    for rank, (pattern, label, better, headline) in enumerate(CATALOGUE):
         m = re.fullmatch(pattern, key)
         if m:
-            return m.expand(label), better, headline
-    return key, None, False
+            return rank, m.expand(label), better, headline
+    return len(CATALOGUE), key, None, False
+
+
+def describe(key: str) -> tuple[str, str | None, bool]:
+    """``(label, better, headline)`` of an ``<evaluator>/<metric>`` key; unknown keys: the key, None, False."""
+    return _entry(key)[1:]
 
 
 def split_key(metric: str) -> tuple[str, str] | None:
@@ -96,19 +101,15 @@ def compare(metrics: dict[str, float]) -> list[Row]:
         parts = split_key(name)
         if parts:
             by_model[parts[0]][parts[1]] = float(value)
-    rows = []
+    ranked = []
     nan = float("nan")
     for key in set(by_model["teacher"]) | set(by_model["student"]):
-        label, better, headline = describe(key)
-        rows.append(Row(key, key.split("/", 1)[0], label, by_model["teacher"].get(key, nan),
-                        by_model["student"].get(key, nan), better, headline))
-    return sorted(rows, key=_order)
-
-
-def models_present(metrics: dict[str, float]) -> list[str]:
-    """Which of teacher and student the evaluate stage measured."""
-    present = {p[0] for p in map(split_key, metrics) if p}
-    return [m for m in MODELS if m in present]
+        rank, label, better, headline = _entry(key)
+        evaluator = key.split("/", 1)[0]
+        order = (evaluator, rank, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)])
+        ranked.append((order, Row(key, evaluator, label, by_model["teacher"].get(key, nan),
+                                  by_model["student"].get(key, nan), better, headline)))
+    return [row for _, row in sorted(ranked, key=lambda pair: pair[0])]
 
 
 def tally(rows: list[Row]) -> dict[str, int]:
@@ -119,7 +120,3 @@ def tally(rows: list[Row]) -> dict[str, int]:
             out[r.winner] += 1
     return out
 
-
-def _order(row: Row) -> tuple:
-    rank = next((i for i, (p, *_rest) in enumerate(CATALOGUE) if re.fullmatch(p, row.key)), len(CATALOGUE))
-    return (row.evaluator, rank, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", row.key)])

@@ -47,7 +47,7 @@ class StageRun:
 
     @property
     def seconds(self) -> float | None:
-        return (self.end_ms - self.start_ms) / 1000 if self.start_ms and self.end_ms else None
+        return _seconds(self.start_ms, self.end_ms)
 
 
 @dataclass
@@ -68,7 +68,11 @@ class PipelineRun:
 
     @property
     def seconds(self) -> float | None:
-        return (self.end_ms - self.start_ms) / 1000 if self.start_ms and self.end_ms else None
+        return _seconds(self.start_ms, self.end_ms)
+
+
+def _seconds(start_ms: int | None, end_ms: int | None) -> float | None:
+    return (end_ms - start_ms) / 1000 if start_ms and end_ms else None
 
 
 def find_parent_run_id(tracker: Tracker, run_id: str | None) -> str:
