@@ -116,6 +116,10 @@ class LogRegModel:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.T + self.bias  # (N, C)
 
+    def theta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``[W | b]`` (C, D + 1), the solver's parameters (see :class:`Rows`); :meth:`Fit.model` inverts it."""
+        return torch.cat([self.weight, self.bias[:, None]], dim=1).to(dtype)
+
 
 @dataclass
 class Sweep:
@@ -425,7 +429,7 @@ def fit_logreg(
     """Minimise the module objective on (x (N, D), y (N,) int64) in x's dtype, from ``init`` or the prior."""
     if init is None:
         init = prior_init(y, num_classes, x.shape[1])
-    theta = torch.cat([init.weight, init.bias[:, None]], dim=1).to(x.dtype)  # (C, D + 1)
+    theta = init.theta(x.dtype)  # (C, D + 1)
     precond = Preconditioner.estimate(x, num_classes, PRECONDITIONER_RANK)
     rows = Rows.build(x, y, num_classes, x.dtype)
     return minimise(rows, theta, l2, precond, max_iter=max_iter, tol=tol).model()
@@ -487,7 +491,7 @@ def sweep_l2(
     val_rows = Rows.build(x_val, y_val, num_classes, SWEEP_DTYPE)
     precond = Preconditioner.estimate(rows.x[:, :-1], num_classes, PRECONDITIONER_RANK)
     prior = prior_init(y_train, num_classes, x_train.shape[1])
-    theta = torch.cat([prior.weight, prior.bias[:, None]], dim=1).to(SWEEP_DTYPE)  # (C, D + 1)
+    theta = prior.theta(SWEEP_DTYPE)  # (C, D + 1)
     prev, fit = None, Fit(theta, prior.l2, Curvature([], [], prior.l2))
     best, best_correct = fit, -1
     val_top1: dict[float, float] = {}
@@ -515,7 +519,7 @@ def refit(
     """
     l2 = sweep.best.l2
     rows = Rows.build(x, y, num_classes, torch.float64)
-    theta = torch.cat([sweep.best.weight, sweep.best.bias[:, None]], dim=1)  # (C, D + 1) float64
+    theta = sweep.best.theta()  # (C, D + 1) float64
     fast = minimise(
         rows.to(SWEEP_DTYPE), theta.to(SWEEP_DTYPE), l2, sweep.precond, sweep.curvature, max_iter=max_iter, tol=tol
     )
