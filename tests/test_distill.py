@@ -22,11 +22,12 @@ from vitdistill.distill import (
     DistillError, ParallelBlock, Trainer, TrainerConfig, create_distill_loss, create_student, kd_kl, list_losses,
     list_students, run_distill,
 )
-from vitdistill.distill.data import CachedBatches, load_images, split_params
+from vitdistill.data.shards import SplitRule, index_shards, iter_samples
+from vitdistill.distill.data import StreamBatches, chw, parse_view_record, read_view_shard
 from vitdistill.distill.losses import FeatureDistillation, HardDistillation
 from vitdistill.distill.stage import build_student, student_spec
 from vitdistill.distill.trainer import Callback
-from vitdistill.distill.viewcache import build_view_cache, load_view_cache, plan_views, teacher_spec
+from vitdistill.distill.viewcache import build_view_cache, plan_views, teacher_spec
 from vitdistill.distill.views import View, render_batch
 from vitdistill.errors import ConfigError, RegistryError
 from vitdistill.models.teachers import Teacher, create_teacher
@@ -213,32 +214,34 @@ def test_cached_mode_replays_the_stored_views_without_a_teacher(make_cfg, monkey
                    "cache.dtype=float32", "distill.batch_size=16", "distill.epochs=2")
     inputs = resolve_inputs(cfg, progress=False)
     plan, manifest = build_view_cache(cfg, inputs, progress=False)
-    cache = load_view_cache(plan.cache_dir)
-    images = load_images(inputs, split_params(cfg.data))
-    train = images.indices("train")
-    assert manifest["num_samples"] == len(train) == len(cache.keys) and cache.views.shape == (len(train), 2, 5)
-    assert cache.views[:, :, 4].any() and not cache.views[:, :, 4].all()  # some views flipped, some not
+    rule = SplitRule.from_config(cfg.data)
+    train = {s.key: chw(s.image) for s in iter_samples(inputs.shards, rule, "train")}
+    stored = {k: parse_view_record(k, f, "views", 2) for sh in manifest["shards"]
+              for k, f in read_view_shard(f"{plan.cache_dir}/{sh['name']}").items()}
+    assert manifest["num_samples"] == len(train) == len(stored) and set(train) == set(stored)
+    flips = [v[4] for r in stored.values() for v in r["views"]]
+    assert any(flips) and not all(flips)  # some views flipped, some not
 
     teacher = create_teacher(cfg.teacher)
     spec = teacher_spec(teacher, cfg.distill.teacher_size)
-    pos = {k: i for i, k in enumerate(images.keys)}
-    rows = list(range(0, len(cache.keys), 7))
+    keys = sorted(stored)[::7]
     for k in range(2):  # rebuild each stored view from its parameters: the teacher gives the stored logits
-        imgs = [images.images[pos[cache.keys[r]]] for r in rows]
-        views = [View.from_list(cache.views[r, k].tolist()) for r in rows]
-        assert views == [plan_views(plan, cache.keys[r], img)[k] for r, img in zip(rows, imgs)]
+        imgs = [train[key] for key in keys]
+        views = [View.from_list(stored[key]["views"][k]) for key in keys]
+        assert views == [plan_views(plan, key, img)[k] for key, img in zip(keys, imgs)]
         _, logits = teacher(render_batch(imgs, views, spec))
-        np.testing.assert_allclose(logits.numpy(), cache.logits[rows, k], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits.numpy(), np.stack([stored[key]["logits"][k] for key in keys]),
+                                   atol=1e-4, rtol=1e-4)
 
     # training replays them, and no teacher runs
-    student = build_student(cfg, teacher, images.num_classes)
-    data = CachedBatches(images, train, 16, cfg.distill.seed, student_spec(student), cache=cache)
+    student = build_student(cfg, teacher, 10)
+    data = StreamBatches.cached(inputs, plan.cache_dir, manifest, rule, cfg.distill, "error", student_spec(student))
     monkeypatch.setattr(Teacher, "__call__", lambda *a, **k: pytest.fail("the teacher ran in cached mode"))
     batch = next(data.batches(epoch=1))
     assert batch["teacher_logits"].shape == (16, 1000) and batch["input"].shape == (16, 3, 32, 32)
     loss_fn = create_distill_loss(cfg.distill.alpha, cfg.distill.losses, cfg.distill.temperature)
     result = Trainer(student, loss_fn, data, TrainerConfig(epochs=2, lr=1e-3)).fit()
-    assert result.step == 2 * len(data) and math.isfinite(result.history[-1]["loss"])
+    assert result.step == 2 * len(data) == 2 * math.ceil(len(train) / 16) and math.isfinite(result.history[-1]["loss"])
 
 
 def test_config_rejects_bad_views(make_cfg):
@@ -280,4 +283,5 @@ def len_train(tmp_path) -> int:
     from vitdistill.config import load_config
 
     cfg = load_config(None, [f"cache.root={tmp_path / 'cache'}", "data.limit=120"])
-    return len(load_images(resolve_inputs(cfg, progress=False), split_params(cfg.data)).indices("train"))
+    inputs = resolve_inputs(cfg, progress=False)
+    return index_shards(inputs.shards, SplitRule.from_config(cfg.data), "error").total("train")

@@ -81,6 +81,10 @@ class TeacherConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on GPU; CPU uses fp32")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
+    num_workers: int | None = Field(
+        None, ge=0, description="extraction: DataLoader processes decoding into pinned memory (default: 0 on CPU, "
+        "where decoding between forward passes on all cores measured fastest; up to 8 on GPU)",
+    )
 
 
 class CacheConfig(Section):
@@ -198,6 +202,14 @@ class DistillConfig(Section):
     crop_ratio: tuple[float, float] = Field((0.75, 4.0 / 3.0), description="random-resized-crop aspect range")
     hflip: float = Field(
         0.0, ge=0.0, le=1.0, description="horizontal-flip probability (0: digits are not mirror-symmetric)"
+    )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes that decode and render batches (0: in the training "
+        "process); the data order depends on max(1, num_workers), so 0 and 1 train identically",
+    )
+    shuffle_buffer: int = Field(
+        1024, ge=1, description="samples in each reader's shuffle buffer, after the shard order and each shard's "
+        "samples are permuted per epoch (encoded bytes: memory is about this many images' files)",
     )
     checkpoint_every: int = Field(100, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     resume: bool = Field(True, description="continue from the latest checkpoint of the same run, if any")

@@ -18,11 +18,8 @@ Sample layout: ``{key}.emb.npy`` (D,), ``{key}.logits.npy`` (C,) (or ``logits_to
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import queue
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +28,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vitdistill.cache import fs
-from vitdistill.cache.tario import TarShardWriter, UnreadableShardError, dump_npy, iter_tar_samples
+from vitdistill.cache.tario import TarShardWriter, dump_npy
 from vitdistill.config import TeacherConfig, VitdistillConfig
-from vitdistill.data.datasets import IMAGE_FIELDS
 from vitdistill.data.ingest import InputSet
-from vitdistill.data.splits import SPLITS, assign_split
+from vitdistill.data.shards import PASS_THROUGH, SplitRule, decode_image, read_shard, skip_record
+from vitdistill.data.splits import SPLITS
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher
 from vitdistill.progress import progress_bar
@@ -67,12 +63,7 @@ class ExtractionPlan(fs.ShardedCachePlan):
 
 def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
     teacher = create_teacher(cfg.teacher)
-    split = {
-        "method": "sha1(seed/key)",
-        "seed": cfg.data.seed,
-        "val_fraction": cfg.data.val_fraction,
-        "test_fraction": cfg.data.test_fraction,
-    }
+    split = SplitRule.from_config(cfg.data).to_dict()
     address = {
         "format": FORMAT_VERSION,
         "teacher": teacher.fingerprint(),
@@ -130,38 +121,41 @@ class _Batch:
     extras: list[dict[str, bytes]]  # cls / txt / json per sample, passed through
 
 
-def _decode(key: str, fields: dict[str, bytes], pil_transform, shard: str) -> np.ndarray:
-    """Encoded image -> (H, W, 3) uint8 at the teacher's input size."""
-    field = next((f for f in IMAGE_FIELDS if f in fields), None)
-    if field is None:
-        raise DataError(f"{shard}: sample {key!r} has no image (expected one of {', '.join(IMAGE_FIELDS)})")
-    try:
-        with Image.open(io.BytesIO(fields[field])) as img:
-            return np.asarray(pil_transform(img.convert("RGB")), dtype=np.uint8)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise DataError(f"{shard}: sample {key!r}: cannot decode {field} image ({type(e).__name__}: {e})") from None
-
-
 def _raw_groups(shard: str, size: int, on_error: str, skipped: list[dict]) -> Iterator[list[tuple[str, dict]]]:
     """The shard's samples, still encoded, in groups of ``size``."""
     group: list[tuple[str, dict]] = []
-    last_key = None
-    try:
-        with fs.open_read(shard) as f:
-            for key, fields in iter_tar_samples(f, shard):
-                last_key = key
-                group.append((key, fields))
-                if len(group) == size:
-                    yield group
-                    group = []
-    except FileNotFoundError:
-        raise DataError(f"{shard}: input shard not found") from None
-    except UnreadableShardError as e:
-        if on_error == "error":
-            raise
-        skipped.append({"shard": shard, "key": last_key, "reason": str(e).split(": ", 1)[-1]})
+    for item in read_shard(shard, on_error, skipped):
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
     if group:
         yield group
+
+
+def decode_group(group: list[tuple[str, dict]], shard: str, pil_transform, on_error: str, decode_map=map
+                 ) -> tuple[_Batch | None, list[dict]]:
+    """One group of encoded samples -> a batch of pixels (None if every sample was skipped), and the skips."""
+    def decode(item: tuple[str, dict]) -> np.ndarray | DataError:
+        try:
+            return decode_image(item[0], item[1], shard, pil_transform)
+        except DataError as e:
+            return e
+
+    keys: list[str] = []
+    pixels: list[np.ndarray] = []
+    extras: list[dict[str, bytes]] = []
+    skipped: list[dict] = []
+    for (key, fields), x in zip(group, decode_map(decode, group)):
+        if isinstance(x, DataError):
+            if on_error == "error":
+                raise x
+            skipped.append(skip_record(shard, key, x))
+            continue
+        keys.append(key)
+        pixels.append(x)
+        extras.append({k: v for k, v in fields.items() if k in PASS_THROUGH})
+    return (_Batch(keys, torch.from_numpy(np.stack(pixels)), extras) if keys else None), skipped
 
 
 def _batches(
@@ -169,63 +163,36 @@ def _batches(
 ) -> Iterator[_Batch]:
     """Decoded batches. Each group is decoded by ``pool`` between forward passes: PIL releases the
     GIL, so both cores decode while the teacher waits, instead of one decoding while the other idles."""
-
-    def decode(item: tuple[str, dict]) -> np.ndarray | DataError:
-        try:
-            return _decode(item[0], item[1], pil_transform, shard)
-        except DataError as e:
-            return e
-
     for group in _raw_groups(shard, batch_size, on_error, skipped):
-        keys: list[str] = []
-        pixels: list[np.ndarray] = []
-        extras: list[dict[str, bytes]] = []
-        for (key, fields), x in zip(group, pool.map(decode, group)):
-            if isinstance(x, DataError):
-                if on_error == "error":
-                    raise x
-                skipped.append({"shard": shard, "key": key, "reason": str(x).split(": ", 2)[-1]})
-                continue
-            keys.append(key)
-            pixels.append(x)
-            extras.append({k: v for k, v in fields.items() if k in ("cls", "txt", "json")})
-        if keys:
-            yield _Batch(keys, torch.from_numpy(np.stack(pixels)), extras)
+        batch, bad = decode_group(group, shard, pil_transform, on_error, pool.map)
+        skipped.extend(bad)
+        if batch is not None:
+            yield batch
 
 
-def _prefetch(it: Iterator[_Batch], depth: int = 2) -> Iterator[_Batch]:
-    """Decode the next batches in a background thread while the teacher runs on this one."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
+def _worker_batches(shard: str, pil_transform, batch_size: int, on_error: str, skipped: list[dict],
+                    num_workers: int, pin_memory: bool) -> Iterator[_Batch]:
+    """Decoded batches from ``num_workers`` DataLoader processes (group g is decoded by worker g % W), in
+    shard order, pinned for ``non_blocking`` copies: the GPU path, where decoding must keep up with the GPU."""
+    import torch.utils.data as tud
 
-    def work() -> None:
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
+    from vitdistill.data.loader import ShardGroups, unwrap
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
+    loader = tud.DataLoader(ShardGroups(shard, batch_size, pil_transform, on_error, decode_group, _raw_groups),
+                            batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                            prefetch_factor=4)
+    pending: dict[int, tuple] = {}
+    nxt = 0
+    for item in loader:
+        g, batch, bad, end = unwrap(item)
+        pending[g] = (batch, bad, end)
+        while nxt in pending:
+            batch, bad, end = pending.pop(nxt)
+            skipped.extend(bad)
+            nxt += 1
+            if batch is not None:
+                yield batch
+            skipped.extend(end)
 
 
 def _check_features(emb: torch.Tensor, logits: torch.Tensor | None, keys: list[str], shard: str) -> None:
@@ -298,8 +265,16 @@ def _sample_fields(plan: ExtractionPlan, key: str, emb: np.ndarray, logits: np.n
         else:
             out["logits.npy"] = dump_npy(logits.astype(dtype))
     out.update(extra)
-    out["split.txt"] = assign_split(key, plan.split["seed"], plan.split["val_fraction"], plan.split["test_fraction"]).encode()
+    out["split.txt"] = SplitRule.from_dict(plan.split).of(key).encode()
     return out
+
+
+def decode_workers(teacher_cfg: dict, device: torch.device) -> int:
+    """``teacher.num_workers``; by default 0 on CPU, and on GPU up to 8 decoding processes (one core kept free)."""
+    n = teacher_cfg.get("num_workers")
+    if n is not None:
+        return int(n)
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
 
 
 def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> dict:
@@ -321,10 +296,13 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
     bar = progress_bar(progress, desc=shard.rsplit("/", 1)[-1], unit="img", leave=False)
     pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="decode")
     try:
-        batches = _batches(shard, transform, batch_size, plan.on_error, skipped, pool)
-        # On GPU, decode the next batch on the CPU while the GPU runs this one. On CPU, decoding
-        # inline is faster: a decode thread would steal a core (and the GIL) from the forward pass.
-        for batch in _prefetch(batches) if teacher.device.type == "cuda" else batches:
+        workers = decode_workers(plan.teacher_cfg, teacher.device)
+        if workers:  # GPU: DataLoader processes decode into pinned memory while the GPU runs
+            batches = _worker_batches(shard, transform, batch_size, plan.on_error, skipped, workers,
+                                      pin_memory=teacher.device.type == "cuda")
+        else:  # CPU: decode each batch on all cores between forward passes (measured fastest on CPU)
+            batches = _batches(shard, transform, batch_size, plan.on_error, skipped, pool)
+        for batch in batches:
             emb, logits = teacher(teacher.normalize_uint8(batch.pixels))  # (B, D), (B, C) | None
             _check_features(emb, logits, batch.keys, shard)
             emb_np = emb.cpu().numpy()

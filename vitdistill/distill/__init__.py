@@ -13,10 +13,10 @@ from vitdistill.distill.losses import LOSSES, DistillLoss, create_distill_loss, 
 from vitdistill.distill.stage import DistillReport, run_distill
 from vitdistill.distill.students import STUDENTS, ParallelBlock, Student, create_student, list_students
 from vitdistill.distill.trainer import Callback, Trainer, TrainerConfig, TrainResult
-from vitdistill.distill.viewcache import ViewCache, build_view_cache, load_view_cache
+from vitdistill.distill.viewcache import build_view_cache
 
 __all__ = [
     "LOSSES", "STUDENTS", "Callback", "DistillError", "DistillLoss", "DistillReport", "ParallelBlock", "Student",
-    "TrainResult", "Trainer", "TrainerConfig", "ViewCache", "build_view_cache", "create_distill_loss",
-    "create_student", "kd_kl", "list_losses", "list_students", "load_view_cache", "run_distill",
+    "TrainResult", "Trainer", "TrainerConfig", "build_view_cache", "create_distill_loss",
+    "create_student", "kd_kl", "list_losses", "list_students", "run_distill",
 ]

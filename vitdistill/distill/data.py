@@ -1,213 +1,197 @@
-"""The distillation data: decoded images from the input shards, and batches of views with targets.
+"""The distillation data: batches of views with the teacher's targets, streamed from the image shards.
 
-    images = load_images(inputs, split_params(cfg.data), on_error="error")
-    data = OnlineBatches(images, images.indices("train"), per_rank_batch, seed, student_spec,
-                         teacher=teacher, teacher_spec=teacher_spec, view_params=(scale, ratio, hflip))
+    data = StreamBatches.online(inputs, index, cfg, student_spec, teacher, teacher_spec, rank, world)
+    data = StreamBatches.cached(inputs, view_cache_manifest, cfg, student_spec, rank, world)
     for batch in data.batches(epoch=0):    # {"input", "label", "teacher_logits", "teacher_emb"}
         ...
+    for imgs, labels in eval_batches(inputs.shards, rule, "test", on_error):   # evaluation views
+        ...
 
-Images are read from the same image shards as the feature cache (``resolve_inputs``) and split by
-the same key hash, so train/val/test agree with every other stage. They are held decoded in
-memory (small datasets on a CPU; the view cache is what scales). A batch is a pure function of
-(seed, epoch, position, rank): resuming at a position replays exactly the batches that were left.
+Images come from the image shards through :mod:`vitdistill.data.shards` (the one reader and split
+rule), decoded and rendered in ``distill.num_workers`` DataLoader worker processes; the split is
+never held in memory. A batch is a pure function of (seed, epoch, position, rank, world, workers),
+so resuming at a position replays exactly the batches that were left.
 """
 
 from __future__ import annotations
 
-import io
-import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+import json
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vitdistill.cache import fs
-from vitdistill.cache.tario import UnreadableShardError, iter_tar_samples
-from vitdistill.config import DataConfig
-from vitdistill.data.datasets import IMAGE_FIELDS
+from vitdistill.cache.tario import iter_tar_samples, load_npy
 from vitdistill.data.ingest import InputSet
-from vitdistill.data.splits import assign_split
+from vitdistill.data.shards import RawItem, ShardIndex, ShardStream, SplitRule, decode_sample, iter_samples
 from vitdistill.distill.views import InputSpec, View, render_batch, sample_view, view_rng
-from vitdistill.errors import DataError
+from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher
 
 Batch = dict[str, torch.Tensor]
+EVAL_BATCH = 256
 
 
-def split_params(data: DataConfig) -> dict:
-    """The split recorded in every cache: ``assign_split(key, seed, val_fraction, test_fraction)``."""
-    return {"method": "sha1(seed/key)", "seed": data.seed, "val_fraction": data.val_fraction,
-            "test_fraction": data.test_fraction}
+def chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
 
 
-def decode_image(key: str, fields: dict[str, bytes], shard: str) -> torch.Tensor:
-    """A sample's encoded image -> (3, H, W) uint8 RGB."""
-    field = next((f for f in IMAGE_FIELDS if f in fields), None)
-    if field is None:
-        raise DataError(f"{shard}: sample {key!r} has no image (expected one of {', '.join(IMAGE_FIELDS)})")
+def _empty(spec: InputSpec) -> torch.Tensor:
+    return torch.zeros(0, 3, spec.size, spec.size)
+
+
+class OnlineRender:
+    """``make_batch`` of online mode: each image's view of this epoch, rendered for the student and for
+    the teacher (at its own side); the teacher runs in the training process."""
+
+    def __init__(self, student: InputSpec, teacher: InputSpec, view_params: tuple, seed: int, on_error: str) -> None:
+        self.student, self.teacher, self.view_params, self.seed, self.on_error = student, teacher, view_params, seed, on_error
+
+    def __call__(self, items: list[RawItem], epoch: int) -> Batch:
+        scale, ratio, hflip = self.view_params
+        imgs, views, labels = [], [], []
+        for it in items:
+            s = decode_sample(it.key, it.fields, it.shard, self.on_error)
+            if s is None:
+                continue
+            img = chw(s.image)
+            imgs.append(img)
+            views.append(sample_view(view_rng(self.seed, epoch, it.key), img.shape[1], img.shape[2], scale, ratio, hflip))
+            labels.append(s.label)
+        if not imgs:
+            return {"input": _empty(self.student), "label": torch.zeros(0, dtype=torch.int64),
+                    "teacher_input": _empty(self.teacher)}
+        return {"input": render_batch(imgs, views, self.student), "label": torch.tensor(labels, dtype=torch.int64),
+                "teacher_input": render_batch(imgs, views, self.teacher)}
+
+
+class CachedRender:
+    """``make_batch`` of cached mode (FKD): stored view ``epoch % K`` of each image, re-rendered from its
+    box and flip, with the teacher outputs stored for it. No teacher runs."""
+
+    def __init__(self, student: InputSpec, num_views: int, on_error: str) -> None:
+        self.student, self.num_views, self.on_error = student, num_views, on_error
+
+    def __call__(self, items: list[RawItem], epoch: int) -> Batch:
+        k = epoch % self.num_views
+        imgs, views, labels, embs, logits = [], [], [], [], []
+        for it in items:
+            s = decode_sample(it.key, it.fields, it.shard, self.on_error)
+            if s is None:  # decoded when the views were cached, so only a changed shard gets here
+                continue
+            rec = parse_view_record(it.key, it.side, it.shard, self.num_views)
+            imgs.append(chw(s.image))
+            views.append(View.from_list(rec["views"][k]))
+            labels.append(s.label)
+            embs.append(rec["emb"][k])
+            if rec["logits"] is not None:
+                logits.append(rec["logits"][k])
+        if not imgs:
+            return {"input": _empty(self.student), "label": torch.zeros(0, dtype=torch.int64)}
+        out = {"input": render_batch(imgs, views, self.student), "label": torch.tensor(labels, dtype=torch.int64),
+               "teacher_emb": torch.from_numpy(np.stack(embs).astype(np.float32))}
+        if logits:
+            out["teacher_logits"] = torch.from_numpy(np.stack(logits).astype(np.float32))
+        return out
+
+
+def parse_view_record(key: str, fields: dict[str, bytes], where: str, num_views: int) -> dict:
+    """A view-cache sample: ``views`` (K, 5) ints, ``emb`` (K, D) and ``logits`` (K, C) or None."""
+    at = f"{where}: sample {key!r}"
+    if "views.json" not in fields or "emb.npy" not in fields:
+        raise CacheError(f"{at}: expected views.json and emb.npy")
     try:
-        with Image.open(io.BytesIO(fields[field])) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
-        raise DataError(f"{shard}: sample {key!r}: cannot decode {field} image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        views = json.loads(fields["views.json"])["views"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CacheError(f"{at}: views.json is not {{'views': [[top, left, height, width, flip], ...]}}") from None
+    emb = load_npy(fields["emb.npy"], at)
+    logits = load_npy(fields["logits.npy"], at) if "logits.npy" in fields else None
+    if len(views) != num_views or emb.ndim != 2 or emb.shape[0] != num_views or (
+            logits is not None and logits.shape[0] != num_views):
+        raise CacheError(f"{at}: views {np.shape(views)} / emb {emb.shape}, expected {num_views} views each")
+    return {"views": views, "emb": emb, "logits": logits}
 
 
-def parse_label(key: str, fields: dict[str, bytes], shard: str) -> int:
-    """The ``cls`` field as an int; -1 when the sample has none."""
-    if "cls" not in fields:
-        return -1
+def read_view_shard(url: str) -> dict[str, dict[str, bytes]]:
+    """key -> encoded fields of one view-cache shard, in file order (one shard: bounded)."""
     try:
-        return int(fields["cls"].decode().strip())
-    except ValueError:
-        raise DataError(f"{shard}: sample {key!r}: cls is {fields['cls'][:20]!r}, expected an integer") from None
-
-
-def iter_shard_images(shard: str, on_error: str) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(key, (3, H, W) uint8, label) per readable sample of one image shard, under the on_error policy."""
-    try:
-        with fs.open_read(shard) as f:
-            for key, fields in iter_tar_samples(f, shard):
-                try:
-                    yield key, decode_image(key, fields, shard), parse_label(key, fields, shard)
-                except DataError:
-                    if on_error == "error":
-                        raise
+        f = fs.open_read(url)
     except FileNotFoundError:
-        raise DataError(f"{shard}: input shard not found") from None
-    except UnreadableShardError:
-        if on_error == "error":
-            raise
+        raise CacheError(f"{url}: shard listed in the manifest is missing") from None
+    with f:
+        return dict(iter_tar_samples(f, url))
 
 
-@dataclass
-class ImageSet:
-    keys: list[str]
-    images: list[torch.Tensor]  # each (3, H, W) uint8
-    labels: np.ndarray  # (N,) int64, -1 where a sample has no label
-    splits: np.ndarray  # (N,) "train" | "val" | "test"
-    classes: list[str] | None
+class StreamBatches:
+    """The trainer's batch source: ``len()`` batches per epoch, ``batches(epoch, start)``; runs the
+    teacher on each batch in online mode."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, teacher: Teacher | None = None) -> None:
+        self.stream, self.num_workers, self.teacher = stream, num_workers, teacher
 
     def __len__(self) -> int:
-        return len(self.keys)
-
-    def indices(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.splits == split)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes) if self.classes else int(self.labels.max()) + 1
-
-    @property
-    def has_labels(self) -> bool:
-        return bool((self.labels >= 0).any())
-
-
-def load_images(inputs: InputSet, split: dict, on_error: str = "error") -> ImageSet:
-    keys, images, labels = [], [], []
-    for shard in inputs.shards:
-        for key, img, label in iter_shard_images(shard, on_error):
-            keys.append(key)
-            images.append(img)
-            labels.append(label)
-    if not keys:
-        raise DataError(f"{inputs.source}: no readable image in {len(inputs.shards)} shard(s)")
-    splits = np.array([assign_split(k, split["seed"], split["val_fraction"], split["test_fraction"]) for k in keys])
-    return ImageSet(keys, images, np.array(labels, dtype=np.int64), splits, inputs.classes)
-
-
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
-    """This rank's positions for one epoch, DistributedSampler style: one seeded permutation of
-    ``range(n)``, padded by wrapping to a multiple of ``world``, rank r takes every world-th. (ceil(n / world),)"""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).numpy()
-    total = math.ceil(n / world) * world
-    return np.resize(perm, total)[rank::world]
-
-
-class ViewBatches(ABC):
-    """Batches of one rank: ``len()`` per epoch, ``batches(epoch, start)`` from position ``start``."""
-
-    def __init__(self, images: ImageSet, indices: np.ndarray, batch_size: int, seed: int, student: InputSpec,
-                 rank: int = 0, world: int = 1) -> None:
-        if len(indices) == 0:
-            raise DataError("the training split is empty; lower data.val_fraction/test_fraction or add data")
-        self.images, self.indices, self.batch_size = images, np.asarray(indices), batch_size
-        self.seed, self.student, self.rank, self.world = seed, student, rank, world
-
-    def __len__(self) -> int:
-        return math.ceil(math.ceil(len(self.indices) / self.world) / self.batch_size)
+        return len(self.stream)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        order = epoch_order(len(self.indices), self.seed, epoch, self.rank, self.world)
-        for b in range(start, len(self)):
-            idx = self.indices[order[b * self.batch_size:(b + 1) * self.batch_size]]
-            yield self.make_batch(idx, epoch)
+        for batch in self.stream.batches(epoch, start, self.num_workers):
+            if self.teacher is not None:
+                x = batch.pop("teacher_input")
+                if len(x):
+                    emb, logits = self.teacher(x)  # (B, Dt), (B, Ct) | None
+                    batch["teacher_emb"] = emb.clone()  # clone: leave inference mode's tensors behind
+                    if logits is not None:
+                        batch["teacher_logits"] = logits.clone()
+            yield batch
 
-    @abstractmethod
-    def views(self, idx: np.ndarray, epoch: int) -> list[View]:
-        """The view of each image of the batch in this epoch."""
+    @classmethod
+    def online(cls, inputs: InputSet, index: ShardIndex, rule: SplitRule, d, on_error: str, student: InputSpec,
+               teacher: Teacher, teacher_input: InputSpec, rank: int = 0, world: int = 1) -> StreamBatches:
+        """``d``: the DistillConfig."""
+        render = OnlineRender(student, teacher_input, (d.crop_scale, d.crop_ratio, d.hflip), d.seed, on_error)
+        stream = ShardStream(inputs.shards, index.split_counts("train"), rule, "train", d.batch_size // world, render,
+                             seed=d.seed, on_error=on_error, shuffle_buffer=d.shuffle_buffer, rank=rank, world=world,
+                             readers=max(1, d.num_workers))
+        return cls(stream, d.num_workers, teacher)
 
-    @abstractmethod
-    def targets(self, idx: np.ndarray, epoch: int, views: list[View]) -> Batch:
-        """The teacher's outputs on those views: ``teacher_emb`` (B, Dt), ``teacher_logits`` (B, Ct)."""
-
-    def make_batch(self, idx: np.ndarray, epoch: int) -> Batch:
-        views = self.views(idx, epoch)
-        batch = {
-            "input": render_batch([self.images.images[i] for i in idx], views, self.student),  # (B, 3, S, S)
-            "label": torch.from_numpy(self.images.labels[idx]),  # (B,)
-        }
-        batch.update(self.targets(idx, epoch, views))
-        return batch
-
-
-class OnlineBatches(ViewBatches):
-    """The teacher runs on every batch, on exactly the student's view (rendered at its own size)."""
-
-    def __init__(self, images: ImageSet, indices: np.ndarray, batch_size: int, seed: int, student: InputSpec, *,
-                 teacher: Teacher, teacher_spec: InputSpec, view_params: tuple, rank: int = 0, world: int = 1) -> None:
-        super().__init__(images, indices, batch_size, seed, student, rank, world)
-        self.teacher, self.teacher_spec = teacher, teacher_spec
-        self.scale, self.ratio, self.hflip = view_params
-
-    def views(self, idx: np.ndarray, epoch: int) -> list[View]:
-        imgs, keys = self.images.images, self.images.keys
-        return [sample_view(view_rng(self.seed, epoch, keys[i]), imgs[i].shape[1], imgs[i].shape[2],
-                            self.scale, self.ratio, self.hflip) for i in idx]
-
-    def targets(self, idx: np.ndarray, epoch: int, views: list[View]) -> Batch:
-        x = render_batch([self.images.images[i] for i in idx], views, self.teacher_spec)  # (B, 3, T, T)
-        emb, logits = self.teacher(x)  # (B, Dt), (B, Ct) | None
-        out = {"teacher_emb": emb.clone()}  # clone: leave inference mode's tensors behind
-        if logits is not None:
-            out["teacher_logits"] = logits.clone()
-        return out
+    @classmethod
+    def cached(cls, inputs: InputSet, cache_dir: str, manifest: dict, rule: SplitRule, d, on_error: str,
+               student: InputSpec, rank: int = 0, world: int = 1) -> StreamBatches:
+        shards = manifest["shards"]
+        if [s["input"] for s in shards] != list(inputs.shards):
+            raise CacheError(f"{cache_dir}: the view cache was built from other input shards")
+        render = CachedRender(student, int(manifest["views"]["num_views"]), on_error)
+        stream = ShardStream(inputs.shards, [s["count"] for s in shards], rule, "train", d.batch_size // world,
+                             render, seed=d.seed, on_error=on_error, shuffle_buffer=d.shuffle_buffer, rank=rank,
+                             world=world, readers=max(1, d.num_workers),
+                             side_shards=[fs.join(cache_dir, s["name"]) for s in shards], side_reader=read_view_shard)
+        return cls(stream, d.num_workers)
 
 
-class CachedBatches(ViewBatches):
-    """FKD: replay stored view ``epoch % K`` of each image with the teacher outputs stored for it."""
+def eval_batches(shards: list[str], rule: SplitRule, split: str, on_error: str,
+                 batch_size: int = EVAL_BATCH) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
+    """The images of ``split`` in shard order, ``batch_size`` at a time: ((3, H, W) uint8 list, (B,) labels)."""
+    imgs, labels = [], []
+    for s in iter_samples(shards, rule, split, on_error):
+        imgs.append(chw(s.image))
+        labels.append(s.label)
+        if len(imgs) == batch_size:
+            yield imgs, np.array(labels, dtype=np.int64)
+            imgs, labels = [], []
+    if imgs:
+        yield imgs, np.array(labels, dtype=np.int64)
 
-    def __init__(self, images: ImageSet, indices: np.ndarray, batch_size: int, seed: int, student: InputSpec, *,
-                 cache, rank: int = 0, world: int = 1) -> None:
-        super().__init__(images, indices, batch_size, seed, student, rank, world)
-        self.cache = cache
-        row = {k: r for r, k in enumerate(cache.keys)}
-        missing = [images.keys[i] for i in self.indices if images.keys[i] not in row]
-        if missing:
-            raise DataError(f"view cache has no entry for {len(missing)} training image(s), e.g. {missing[0]!r}")
-        self.rows = np.array([row.get(k, -1) for k in images.keys])  # image index -> cache row
 
-    def views(self, idx: np.ndarray, epoch: int) -> list[View]:
-        k = epoch % self.cache.num_views
-        return [View.from_list(v) for v in self.cache.views[self.rows[idx], k].tolist()]
+def num_classes(inputs: InputSet, index: ShardIndex) -> int:
+    if inputs.classes:
+        return len(inputs.classes)
+    if not index.has_labels:
+        return 0
+    return index.max_label + 1
 
-    def targets(self, idx: np.ndarray, epoch: int, views: list[View]) -> Batch:
-        rows, k = self.rows[idx], epoch % self.cache.num_views
-        out = {"teacher_emb": torch.from_numpy(self.cache.emb[rows, k])}
-        if self.cache.logits is not None:
-            out["teacher_logits"] = torch.from_numpy(self.cache.logits[rows, k])
-        return out
+
+def check_labels(index: ShardIndex, inputs: InputSet) -> None:
+    n = len(inputs.classes) if inputs.classes else None
+    if n is not None and index.max_label >= n:
+        raise DataError(f"{inputs.source}: a sample has class {index.max_label} but there are {n} classes")

@@ -1,63 +1,61 @@
 """Evaluating a distilled student: accuracy, agreement with the teacher, cost, and features for a probe.
 
-    s = predict(student, images, images.indices("test"), spec)           # logits, kd_logits, emb
-    t_emb, t_logits = teacher_outputs(teacher, images, idx, teacher_spec)
-    distance(s["kd_logits"], t_logits)     # {"agreement": top-1 agreement, "kl": KL(teacher || student)}
+    outs, labels = collect(eval_batches(shards, rule, "test", on_error),
+                           {"student": student_fn(student, spec), "teacher": teacher_fn(teacher, tspec)})
+    outs["student"]["logits"], outs["teacher"]["emb"]      # (N, C), (N, Dt): one decode for both models
+    distance(outs["student"]["kd_logits"], outs["teacher"]["logits"])   # agreement, KL(teacher || student)
     gflops(student, spec.size)             # one image, torch.utils.flop_counter
-    feats = student_features(student, images, spec)   # {"train": (emb, labels), "val": ..., "test": ...}
-    linear_probe(*feats["train"], *feats["val"], *feats["test"])
 
 Every view here is the evaluation view (the whole image, unflipped), rendered at each model's side.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitdistill.distill.data import ImageSet
 from vitdistill.distill.losses import kl_per_sample
 from vitdistill.distill.views import InputSpec, full_view, render_batch
 from vitdistill.models.teachers import Teacher
 
-EVAL_BATCH = 256
+ModelFn = Callable[[list[torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def _views(images: ImageSet, idx: np.ndarray) -> tuple[list[torch.Tensor], list]:
-    imgs = [images.images[i] for i in idx]
-    return imgs, [full_view(img.shape[1], img.shape[2]) for img in imgs]
+def _full(imgs: list[torch.Tensor], spec: InputSpec) -> torch.Tensor:
+    return render_batch(imgs, [full_view(img.shape[1], img.shape[2]) for img in imgs], spec)  # (B, 3, S, S)
+
+
+def student_fn(model: nn.Module, spec: InputSpec) -> ModelFn:
+    """The student's outputs (eval mode) on the evaluation views: ``logits``, ``emb``, ``kd_logits``..."""
+    device = next(model.parameters()).device
+    return lambda imgs: model(_full(imgs, spec).to(device))
+
+
+def teacher_fn(teacher: Teacher, spec: InputSpec) -> ModelFn:
+    def run(imgs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        emb, logits = teacher(_full(imgs, spec))
+        return {"emb": emb} if logits is None else {"emb": emb, "logits": logits}
+
+    return run
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: ImageSet, indices: np.ndarray, spec: InputSpec,
-            batch_size: int = EVAL_BATCH) -> dict[str, np.ndarray]:
-    """The student's outputs (eval mode) on the evaluation views: ``logits`` (N, C), ``emb`` (N, D), ..."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(indices), batch_size):
-        imgs, views = _views(images, indices[start:start + batch_size])
-        out = model(render_batch(imgs, views, spec).to(device))
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v.float().cpu().numpy())
-    model.train(was_training)
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def teacher_outputs(teacher: Teacher, images: ImageSet, indices: np.ndarray, spec: InputSpec,
-                    batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray | None]:
-    """The teacher on the evaluation views: embedding (N, Dt) and logits (N, Ct) or None."""
-    embs, logits = [], []
-    for start in range(0, len(indices), batch_size):
-        imgs, views = _views(images, indices[start:start + batch_size])
-        e, lg = teacher(render_batch(imgs, views, spec))
-        embs.append(e.cpu().numpy())
-        if lg is not None:
-            logits.append(lg.cpu().numpy())
-    return np.concatenate(embs), (np.concatenate(logits) if logits else None)
+def collect(batches: Iterable[tuple[list[torch.Tensor], np.ndarray]], fns: dict[str, ModelFn]
+            ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Run every model on each batch of images once decoded: name -> output -> (N, ...) float32, and labels (N,)."""
+    parts: dict[str, dict[str, list[np.ndarray]]] = {name: {} for name in fns}
+    labels = []
+    for imgs, lab in batches:
+        labels.append(lab)
+        for name, fn in fns.items():
+            for k, v in fn(imgs).items():
+                parts[name].setdefault(k, []).append(v.float().cpu().numpy())
+    outs = {name: {k: np.concatenate(v) for k, v in p.items()} for name, p in parts.items()}
+    return outs, (np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64))
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -93,14 +91,3 @@ def gflops(model: nn.Module, size: int) -> float:
         model(torch.zeros(1, 3, size, size, device=device))
     model.train(was_training)
     return counter.get_total_flops() / 1e9
-
-
-def student_features(model: nn.Module, images: ImageSet, spec: InputSpec,
-                     batch_size: int = EVAL_BATCH) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pooled student embeddings per split, for a linear probe: split -> ((N, D) float32, (N,) labels)."""
-    out = {}
-    for split in ("train", "val", "test"):
-        idx = images.indices(split)
-        if len(idx):
-            out[split] = (predict(model, images, idx, spec, batch_size)["emb"], images.labels[idx])
-    return out

@@ -36,13 +36,13 @@ from torch import nn
 from vitdistill.cache import fs
 from vitdistill.config import VitdistillConfig
 from vitdistill.data.ingest import InputSet, resolve_inputs
-from vitdistill.distill.data import CachedBatches, ImageSet, OnlineBatches, load_images, split_params
-from vitdistill.distill.evaluate import (count_params, distance, gflops, predict, student_features,
-                                        teacher_outputs, top1)
+from vitdistill.data.shards import ShardIndex, SplitRule, index_shards
+from vitdistill.distill.data import StreamBatches, check_labels, eval_batches, num_classes
+from vitdistill.distill.evaluate import collect, count_params, distance, gflops, student_fn, teacher_fn, top1
 from vitdistill.distill.losses import NEEDS_TEACHER_LOGITS, create_distill_loss
 from vitdistill.distill.students import Student, create_student
 from vitdistill.distill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
-from vitdistill.distill.viewcache import build_view_cache, load_view_cache, plan_view_cache, teacher_spec
+from vitdistill.distill.viewcache import build_view_cache, plan_view_cache, teacher_spec
 from vitdistill.distill.views import InputSpec
 from vitdistill.errors import ConfigError
 from vitdistill.models.teachers import Teacher, create_teacher, resolve_device
@@ -85,7 +85,7 @@ def run_dir(cfg: VitdistillConfig, teacher: Teacher, inputs: InputSet, world_siz
     d = cfg.distill.model_dump(mode="json", exclude={"enabled", "resume", "checkpoint_every", "device"})
     address = {"student": cfg.student.model_dump(mode="json"), "distill": d, "teacher": teacher.fingerprint(),
                "teacher_cfg": cfg.teacher.model_dump(mode="json", include={"name", "pretrained", "checkpoint"}),
-               "dataset": inputs.fingerprint, "split": split_params(cfg.data), "world_size": world_size,
+               "dataset": inputs.fingerprint, "split": SplitRule.from_config(cfg.data).to_dict(), "world_size": world_size,
                "on_error": cfg.data.on_error}
     digest = hashlib.sha256(json.dumps(address, sort_keys=True).encode()).hexdigest()
     return fs.join(cfg.cache.root, "distill", f"{cfg.student.name}-{digest[:16]}", "checkpoints")
@@ -126,34 +126,44 @@ def teacher_probe_top1(cfg: VitdistillConfig, inputs: InputSet) -> float | None:
     return linear_probe(*args, normalize=cfg.probe.normalize, num_classes=len(fc.classes) if fc.classes else None).top1
 
 
-def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, images: ImageSet,
-                     inputs: InputSet) -> dict[str, float]:
+def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, inputs: InputSet,
+                     index: ShardIndex) -> dict[str, float]:
+    """Test-split metrics of student and teacher (one decode of each test image for both), and a linear probe
+    on the student's embeddings (its N x D train/val/test features are the one array that grows with N)."""
     from vitdistill.probes.linear import linear_probe
 
     sspec, tspec = student_spec(student), teacher_spec(teacher, cfg.distill.teacher_size)
-    test = images.indices("test")
+    rule, on_error = SplitRule.from_config(cfg.data), cfg.data.on_error
+    n_classes = num_classes(inputs, index)
     metrics: dict[str, float] = {}
-    if len(test):
-        s = predict(student, images, test, sspec)
-        t_emb, t_logits = teacher_outputs(teacher, images, test, tspec)
-        labels = images.labels[test]
-        if images.has_labels:
+    test = None
+    if index.total("test"):
+        outs, labels = collect(eval_batches(inputs.shards, rule, "test", on_error),
+                               {"student": student_fn(student, sspec), "teacher": teacher_fn(teacher, tspec)})
+        s, t = outs["student"], outs["teacher"]
+        test = (s["emb"], labels)
+        if index.has_labels:
             metrics["student_top1"] = top1(s["logits"], labels)
-            if t_logits is not None and teacher.num_classes == images.num_classes:
-                metrics["teacher_top1"] = top1(t_logits, labels)
-        if t_logits is not None and "kd_logits" in s:
-            metrics.update(distance(s["kd_logits"], t_logits))
+            if "logits" in t and teacher.num_classes == n_classes:
+                metrics["teacher_top1"] = top1(t["logits"], labels)
+        if "logits" in t and "kd_logits" in s:
+            metrics.update(distance(s["kd_logits"], t["logits"]))
         if "feat" in s:
-            f, t = torch.from_numpy(s["feat"]), torch.from_numpy(t_emb)
-            metrics["feature_cosine"] = float(torch.nn.functional.cosine_similarity(f, t, dim=-1).mean())
-    if images.has_labels and "teacher_top1" not in metrics:
+            f, e = torch.from_numpy(s["feat"]), torch.from_numpy(t["emb"])
+            metrics["feature_cosine"] = float(torch.nn.functional.cosine_similarity(f, e, dim=-1).mean())
+    if index.has_labels and "teacher_top1" not in metrics:
         probed = teacher_probe_top1(cfg, inputs)
         if probed is not None:
             metrics["teacher_top1"] = probed
-    feats = student_features(student, images, sspec)
-    if images.has_labels and all(s in feats for s in ("train", "val", "test")):
-        probe = linear_probe(*feats["train"], *feats["val"], *feats["test"], normalize=cfg.probe.normalize,
-                             num_classes=images.num_classes)
+    if index.has_labels and test is not None and index.total("train") and index.total("val"):
+        emb_only = student_fn(student, sspec)
+        feats = {}
+        for split in ("train", "val"):
+            outs, labels = collect(eval_batches(inputs.shards, rule, split, on_error),
+                                   {"s": lambda imgs: {"emb": emb_only(imgs)["emb"]}})
+            feats[split] = (outs["s"]["emb"], labels)
+        probe = linear_probe(*feats["train"], *feats["val"], *test, normalize=cfg.probe.normalize,
+                             num_classes=n_classes or None)
         metrics["student_probe_top1"] = probe.top1
     metrics["student_params"] = float(count_params(student))
     metrics["teacher_params"] = float(count_params(teacher.model))
@@ -196,26 +206,29 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
         if rank:
             inputs = resolve_inputs(cfg, progress=False)
         teacher = create_teacher(cfg.teacher)
-        images = load_images(inputs, split_params(cfg.data), cfg.data.on_error)
-        student = build_student(cfg, teacher, images.num_classes)
+        rule = SplitRule.from_config(cfg.data)
+        index = index_shards(inputs.shards, rule, cfg.data.on_error, inputs.fingerprint, cfg.cache.root)
+        check_labels(index, inputs)
+        student = build_student(cfg, teacher, num_classes(inputs, index))
         loss_fn = create_distill_loss(d.alpha, d.losses, d.temperature)  # unknown loss names fail here, early
         sspec, tspec = student_spec(student), teacher_spec(teacher, d.teacher_size)
-        per_rank = d.batch_size // world_size
-        train = images.indices("train")
+        num_train = index.total("train")
         view_cache_dir = None
         t0 = time.perf_counter()
         if d.mode == "cached":
             if rank == 0:
-                plan, _ = build_view_cache(cfg, inputs, progress=progress)
+                plan, manifest = build_view_cache(cfg, inputs, progress=progress)
             barrier()
             if rank:
                 plan = plan_view_cache(cfg, inputs)
+                manifest = fs.read_json(plan.manifest_url)
             view_cache_dir = plan.cache_dir
-            data = CachedBatches(images, train, per_rank, d.seed, sspec, cache=load_view_cache(plan.cache_dir),
-                                 rank=rank, world=world_size)
+            num_train = int(manifest["num_samples"])
+            data = StreamBatches.cached(inputs, plan.cache_dir, manifest, rule, d, cfg.data.on_error, sspec,
+                                        rank=rank, world=world_size)
         else:
-            data = OnlineBatches(images, train, per_rank, d.seed, sspec, teacher=teacher, teacher_spec=tspec,
-                                 view_params=(d.crop_scale, d.crop_ratio, d.hflip), rank=rank, world=world_size)
+            data = StreamBatches.online(inputs, index, rule, d, cfg.data.on_error, sspec, teacher, tspec,
+                                        rank=rank, world=world_size)
         cache_seconds = time.perf_counter() - t0
         ckpt_dir = run_dir(cfg, teacher, inputs, world_size)
         tcfg = TrainerConfig(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, warmup_fraction=d.warmup_fraction,
@@ -224,8 +237,8 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
                              progress=progress)
         result = Trainer(student, loss_fn, data, tcfg, callbacks).fit()
         student.to("cpu").eval()
-        metrics = evaluate_distill(cfg, student, teacher, images, inputs)
-        metrics.update(train_metrics(result, len(train), cache_seconds))
+        metrics = evaluate_distill(cfg, student, teacher, inputs, index)
+        metrics.update(train_metrics(result, num_train, cache_seconds))
         return DistillReport(
             metrics=metrics,
             history=result.history,
@@ -236,7 +249,7 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
             headline=headline(metrics),
             checkpoint_dir=ckpt_dir,
             view_cache_dir=view_cache_dir,
-            split_sizes={s: int(len(images.indices(s))) for s in ("train", "val", "test")},
+            split_sizes={s: index.total(s) for s in ("train", "val", "test")},
         )
     finally:
         if created_group:

@@ -258,6 +258,9 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             t_epoch = time.perf_counter()
             for batch in self.data.batches(self.epoch, start=self.position):
+                if len(batch["input"]) == 0:  # every image of the batch was skipped (data.on_error=skip)
+                    self.position += 1
+                    continue
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                     losses = self.loss_fn(net(batch["input"]), batch)

@@ -3,7 +3,7 @@
     plan = plan_view_cache(cfg, inputs)
     records = [build_view_shard(plan, i) for i in range(len(plan.inputs))]   # resumable, one per input shard
     finalize_view_cache(plan, records)                                        # manifest.json last
-    cache = load_view_cache(plan.cache_dir)    # keys, views (N, K, 5), logits (N, K, C), emb (N, K, D)
+    data = StreamBatches.cached(inputs, plan.cache_dir, manifest, ...)        # streamed per shard in training
 
 Layout under ``{cache.root}/views/{teacher}-{digest}/``: ``views-iiiii.tar`` per input shard with,
 per training image, ``{key}.views.json`` (``{"views": [[top, left, height, width, flip], ...]}``),
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from vitdistill.cache import fs
-from vitdistill.cache.tario import TarShardWriter, dump_npy, iter_tar_samples, load_npy
+from vitdistill.cache.tario import TarShardWriter, dump_npy
 from vitdistill.config import TeacherConfig, VitdistillConfig
 from vitdistill.data.ingest import InputSet
-from vitdistill.data.splits import assign_split
-from vitdistill.distill.data import iter_shard_images, split_params
+from vitdistill.data.shards import SplitRule, iter_samples
+from vitdistill.distill.data import chw
 from vitdistill.distill.views import InputSpec, View, render_batch, sample_view, view_rng
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher
@@ -93,7 +93,7 @@ def plan_view_cache(cfg: VitdistillConfig, inputs: InputSet) -> ViewCachePlan:
         "teacher": teacher.fingerprint(),
         "teacher_input": asdict(spec),
         "dataset": inputs.fingerprint,
-        "split": split_params(cfg.data),
+        "split": SplitRule.from_config(cfg.data).to_dict(),
         "views": views,
         "dtype": cfg.cache.dtype,
         "on_error": cfg.data.on_error,
@@ -106,7 +106,7 @@ def plan_view_cache(cfg: VitdistillConfig, inputs: InputSet) -> ViewCachePlan:
         teacher=teacher.fingerprint(),
         teacher_input=asdict(spec),
         dataset={"source": inputs.source, "fingerprint": inputs.fingerprint},
-        split=split_params(cfg.data),
+        split=SplitRule.from_config(cfg.data).to_dict(),
         views=views,
         dtype=cfg.cache.dtype,
         on_error=cfg.data.on_error,
@@ -171,14 +171,13 @@ def _build_view_shard(plan: ViewCachePlan, index: int, progress: bool) -> dict:
         bar.update(len(pending))
         pending.clear()
 
-    split = plan.split
+    rule = SplitRule.from_dict(plan.split)
     with fs.staged(url) as tmp:
         writer = TarShardWriter(tmp)
         try:
-            for key, img, _ in iter_shard_images(shard, plan.on_error):
-                if assign_split(key, split["seed"], split["val_fraction"], split["test_fraction"]) != "train":
-                    continue
-                pending.append((key, img, plan_views(plan, key, img)))
+            for s in iter_samples([shard], rule, "train", plan.on_error):
+                img = chw(s.image)
+                pending.append((s.key, img, plan_views(plan, s.key, img)))
                 if len(pending) * plan.views["num_views"] >= batch_views:
                     flush(writer)
             if pending:
@@ -226,58 +225,3 @@ def build_view_cache(cfg: VitdistillConfig, inputs: InputSet, progress: bool = T
         pass
     records = [build_view_shard(plan, i, progress=progress) for i in range(len(plan.inputs))]
     return plan, finalize_view_cache(plan, records)
-
-
-@dataclass
-class ViewCache:
-    """A view cache in memory: row r holds image ``keys[r]``'s K views and the teacher's outputs on them."""
-
-    cache_dir: str
-    keys: list[str]
-    views: np.ndarray  # (N, K, 5) int64: top, left, height, width, flip
-    emb: np.ndarray  # (N, K, Dt) float32
-    logits: np.ndarray | None  # (N, K, Ct) float32
-    manifest: dict[str, Any]
-
-    @property
-    def num_views(self) -> int:
-        return int(self.views.shape[1])
-
-
-def load_view_cache(cache_dir: str) -> ViewCache:
-    try:
-        manifest = fs.read_json(fs.join(cache_dir, "manifest.json"))
-    except FileNotFoundError:
-        raise CacheError(f"{cache_dir}: no manifest; the view cache is unfinished (run the distill stage)") from None
-    if manifest.get("kind") != "views":
-        raise CacheError(f"{cache_dir}: not a view-cache manifest (expected kind 'views')")
-    k = int(manifest["views"]["num_views"])
-    keys, views, embs, logits = [], [], [], []
-    for shard in manifest["shards"]:
-        url = fs.join(cache_dir, shard["name"])
-        try:
-            f = fs.open_read(url)
-        except FileNotFoundError:
-            raise CacheError(f"{url}: shard listed in the manifest is missing") from None
-        n = 0
-        with f:
-            for key, fields in iter_tar_samples(f, url):
-                where = f"{url}: sample {key!r}"
-                if "views.json" not in fields or "emb.npy" not in fields:
-                    raise CacheError(f"{where}: expected views.json and emb.npy")
-                v = np.array(json.loads(fields["views.json"])["views"], dtype=np.int64)
-                e = load_npy(fields["emb.npy"], where)
-                if v.shape != (k, 5) or e.ndim != 2 or e.shape[0] != k:
-                    raise CacheError(f"{where}: views {v.shape} / emb {e.shape}, expected {k} views each")
-                keys.append(key)
-                views.append(v)
-                embs.append(e)
-                if "logits.npy" in fields:
-                    logits.append(load_npy(fields["logits.npy"], where))
-                n += 1
-        if n != shard["count"]:
-            raise CacheError(f"{url}: holds {n} samples but the manifest says {shard['count']}")
-    if logits and len(logits) != len(keys):
-        raise CacheError(f"{cache_dir}: some samples have logits.npy and some do not")
-    return ViewCache(cache_dir, keys, np.stack(views), np.stack(embs).astype(np.float32),
-                     np.stack(logits).astype(np.float32) if logits else None, manifest)
