@@ -195,6 +195,19 @@ def test_resume_matches_an_uninterrupted_run(make_cfg, straight_run):
         assert straight_run.metrics[k] == resumed.metrics[k], k
 
 
+def test_streamed_cached_run_with_worker_processes_resumes_mid_epoch_to_identical_weights(make_cfg):
+    sets = ["data.limit=200", "data.shard_samples=40", "distill.batch_size=16", "distill.epochs=3",
+            "distill.checkpoint_every=7", "distill.mode=cached", "distill.num_workers=2", "distill.shuffle_buffer=16"]
+    straight = run_distill(make_cfg(*sets, "distill.resume=false"), progress=False)
+    cfg = make_cfg(*sets, "cache.root=" + straight.checkpoint_dir.split("/distill/")[0] + "-killed")
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, progress=False, callbacks=[StopAt(13)])  # checkpoint at step 7 (mid-epoch 0), killed at 13
+    resumed = run_distill(cfg, progress=False)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert straight.metrics["student_top1"] == resumed.metrics["student_top1"]
+
+
 def test_online_distillation_end_to_end_beats_chance(straight_run):
     m = straight_run.metrics
     assert m["student_top1"] > 0.4  # 10 classes: chance is 0.1

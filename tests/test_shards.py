@@ -191,3 +191,47 @@ def test_extraction_workers_honour_on_error(make_cfg, tmp_path):
     cfg = make_cfg("data.source=wds", f"data.path={urls[0]}", "teacher.num_workers=2", "data.on_error=skip")
     _, m = extract(cfg, resolve_inputs(cfg, progress=False), progress=False)
     assert m["num_samples"] == 11 and [s["key"] for s in m["skipped"]] == ["k000_0005"]
+
+
+# --------------------------------------------------------------------------- every stage honours data.on_error
+
+
+def corrupt_wds(tmp_path: Path) -> tuple[str, set[str]]:
+    """One shard of 90 images, every 10th corrupt (so each split holds some)."""
+    bad = {f"k000_{i:04d}" for i in range(0, 90, 10)}
+    url = write_shards(tmp_path / "bad", 1, 90, corrupt=bad)[0]
+    assert {RULE.of(k) for k in bad} >= {"train"}
+    return url, bad
+
+
+@pytest.mark.parametrize("mode", ["online", "cached"])
+def test_distillation_honours_on_error(make_cfg, tmp_path, mode):
+    from vitdistill.distill import run_distill
+
+    url, bad = corrupt_wds(tmp_path)
+    sets = ["data.source=wds", f"data.path={url}", f"distill.mode={mode}", "distill.epochs=1", "distill.batch_size=16",
+            "distill.num_views=1", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    with pytest.raises(DataError, match=r"bad/s-000\.tar: sample 'k000_00\d0': cannot decode"):
+        run_distill(make_cfg(*sets), progress=False)
+    report = run_distill(make_cfg(*sets, "data.on_error=skip"), progress=False)
+    good_train = sum(RULE.of(f"k000_{i:04d}") == "train" for i in range(90) if f"k000_{i:04d}" not in bad)
+    assert report.metrics["steps"] >= 1 and np.isfinite(report.metrics["final_loss"])
+    if mode == "cached":
+        assert report.metrics["train_images_per_s"] > 0
+        import json
+
+        manifest = json.loads((Path(report.view_cache_dir) / "manifest.json").read_text())
+        assert manifest["num_samples"] == good_train
+
+
+def test_evaluation_honours_on_error(make_cfg, tmp_path):
+    from vitdistill.evaluate.stage import load_test_images
+
+    url, bad = corrupt_wds(tmp_path)
+    sets = ["data.source=wds", f"data.path={url}", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    assert any(RULE.of(k) == "test" for k in bad)
+    with pytest.raises(DataError, match="cannot decode"):
+        load_test_images(make_cfg(*sets))
+    test = load_test_images(make_cfg(*sets, "data.on_error=skip"))
+    good_test = sum(RULE.of(f"k000_{i:04d}") == "test" for i in range(90) if f"k000_{i:04d}" not in bad)
+    assert len(test.images) == good_test

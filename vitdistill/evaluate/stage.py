@@ -7,7 +7,6 @@ side by side, through the configured evaluators on the test split.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,13 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitdistill.cache import fs
 from vitdistill.cache.reader import FeatureCache
-from vitdistill.cache.tario import iter_tar_samples
 from vitdistill.config import VitdistillConfig
-from vitdistill.data.datasets import IMAGE_FIELDS
 from vitdistill.data.ingest import resolve_inputs
-from vitdistill.data.splits import assign_split
+from vitdistill.data.shards import SplitRule, iter_samples
 from vitdistill.errors import DataError
 from vitdistill.evaluate import create_evaluator
 from vitdistill.evaluate.shape_bias import cue_conflict_arrays
@@ -90,33 +86,28 @@ class TestImages:
 
 
 def load_test_images(cfg: VitdistillConfig) -> TestImages:
-    """The test split's images (same split rule as the cache), at native size unless ``evaluate.image_size``."""
-    e, d = cfg.evaluate, cfg.data
+    """Up to ``evaluate.max_images`` labelled test images (the one reader and split rule, ``data.on_error``
+    honoured), at native size unless ``evaluate.image_size``. Images of mixed sizes (an image folder) are
+    resized on the shorter side and centre-cropped to one square side: ``evaluate.image_size``, else the
+    median shorter side (at most 224), so the corruptions see every image at one scale."""
+    e = cfg.evaluate
     imgs, labels, metas = [], [], []
-    for url in resolve_inputs(cfg, progress=False).shards:
-        with fs.open_read(url) as f:
-            for key, fields in iter_tar_samples(f, url):
-                if assign_split(key, d.seed, d.val_fraction, d.test_fraction) != "test" or "cls" not in fields:
-                    continue
-                field_ = next((k for k in IMAGE_FIELDS if k in fields), None)
-                if field_ is None:
-                    continue
-                try:
-                    with Image.open(io.BytesIO(fields[field_])) as im:
-                        rgb = im.convert("RGB")
-                        imgs.append(rgb if e.image_size is None else rgb.resize((e.image_size,) * 2, Image.BILINEAR))
-                except Exception:  # evaluation skips what extraction already reported
-                    continue
-                labels.append(int(fields["cls"]))
-                metas.append(fields.get("json"))
-                if len(imgs) >= e.max_images:
-                    break
+    inputs = resolve_inputs(cfg, progress=False)
+    for s in iter_samples(inputs.shards, SplitRule.from_config(cfg.data), "test", cfg.data.on_error):
+        if s.label < 0:
+            continue
+        imgs.append(Image.fromarray(s.image))
+        labels.append(s.label)
+        metas.append(s.fields.get("json"))
         if len(imgs) >= e.max_images:
             break
     if not imgs:
         raise DataError("evaluate: the test split has no labelled images")
-    if len({im.size for im in imgs}) > 1:  # mixed sizes (an image folder): one side for every evaluator
-        imgs = [im.resize((64, 64), Image.BILINEAR) for im in imgs]
+    side = e.image_size
+    if side is None and len({im.size for im in imgs}) > 1:
+        side = min(224, int(np.median([min(im.size) for im in imgs])))
+    if side is not None:
+        imgs = [square(im, side) for im in imgs]
     arrays = [np.asarray(im) for im in imgs]
     group_by = e.group_by
     if group_by == "auto":
@@ -131,6 +122,16 @@ def load_test_images(cfg: VitdistillConfig) -> TestImages:
         except (TypeError, KeyError, ValueError):
             raise DataError(f"evaluate.group_by={group_by!r}: not an attribute of every test sample") from None
     return TestImages(np.stack(arrays), np.array(labels), groups, group_by)
+
+
+def square(im: Image.Image, side: int) -> Image.Image:
+    """Shorter side to ``side``, then the central ``side`` x ``side`` crop."""
+    w, h = im.size
+    scale = side / min(w, h)
+    im = im.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side))
 
 
 @dataclass
