@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from vitdistill.config import load_config  # noqa: E402
 from vitdistill.data.ingest import resolve_inputs  # noqa: E402
 from vitdistill.distill import Trainer, TrainerConfig, create_distill_loss, run_distill  # noqa: E402
-from vitdistill.distill.data import CachedBatches, OnlineBatches, load_images, split_params  # noqa: E402
+from vitdistill.data.shards import SplitRule, index_shards  # noqa: E402
+from vitdistill.distill.data import StreamBatches, num_classes  # noqa: E402
 from vitdistill.distill.stage import build_student, student_spec  # noqa: E402
-from vitdistill.distill.viewcache import build_view_cache, load_view_cache, teacher_spec  # noqa: E402
-from vitdistill.distill.views import render_batch  # noqa: E402
+from vitdistill.distill.viewcache import build_view_cache, teacher_spec  # noqa: E402
 from vitdistill.models.teachers import create_teacher  # noqa: E402
 
 
@@ -44,22 +44,14 @@ def one_epoch(cfg, data, teacher, num_classes) -> float:
     return time.perf_counter() - t0
 
 
-def teacher_only(online: OnlineBatches) -> float:
+def teacher_only(online: StreamBatches) -> float:
     """Seconds of the teacher's forward passes alone on epoch 0's views (inputs rendered beforehand)."""
     total = 0.0
-    for b in range(len(online)):
-        idx = online.indices[online_order(online)[b * online.batch_size:(b + 1) * online.batch_size]]
-        x = render_batch([online.images.images[i] for i in idx], online.views(idx, 0), online.teacher_spec)
+    for batch in online.stream.batches(0, num_workers=online.num_workers):
         t0 = time.perf_counter()
-        online.teacher(x)
+        online.teacher(batch["teacher_input"])
         total += time.perf_counter() - t0
     return total
-
-
-def online_order(online: OnlineBatches):
-    from vitdistill.distill.data import epoch_order
-
-    return epoch_order(len(online.indices), online.seed, 0)
 
 
 def speed(cfg, rounds: int) -> dict[str, float]:
@@ -68,24 +60,24 @@ def speed(cfg, rounds: int) -> dict[str, float]:
     t0 = time.perf_counter()
     plan, manifest = build_view_cache(cfg, inputs, progress=False)
     cache_s = time.perf_counter() - t0
-    images = load_images(inputs, split_params(cfg.data))
+    rule = SplitRule.from_config(cfg.data)
+    index = index_shards(inputs.shards, rule, cfg.data.on_error, inputs.fingerprint, cfg.cache.root)
     teacher = create_teacher(cfg.teacher)
-    train = images.indices("train")
-    sspec = student_spec(build_student(cfg, teacher, images.num_classes))
+    n_classes = num_classes(inputs, index)
+    sspec = student_spec(build_student(cfg, teacher, n_classes))
     tspec = teacher_spec(teacher, d.teacher_size)
-    online = OnlineBatches(images, train, d.batch_size, d.seed, sspec, teacher=teacher, teacher_spec=tspec,
-                           view_params=(d.crop_scale, d.crop_ratio, d.hflip))
-    cached = CachedBatches(images, train, d.batch_size, d.seed, sspec, cache=load_view_cache(plan.cache_dir))
-    one_epoch(cfg, cached, teacher, images.num_classes)  # warm-up: allocator, thread pools
+    online = StreamBatches.online(inputs, index, rule, d, cfg.data.on_error, sspec, teacher, tspec)
+    cached = StreamBatches.cached(inputs, plan.cache_dir, manifest, rule, d, cfg.data.on_error, sspec)
+    one_epoch(cfg, cached, teacher, n_classes)  # warm-up: allocator, thread pools
     times = {"online": [], "cached": [], "teacher": []}
     for _ in range(rounds):  # interleaved, so drifting machine load hits all three alike
-        times["online"].append(one_epoch(cfg, online, teacher, images.num_classes))
-        times["cached"].append(one_epoch(cfg, cached, teacher, images.num_classes))
+        times["online"].append(one_epoch(cfg, online, teacher, n_classes))
+        times["cached"].append(one_epoch(cfg, cached, teacher, n_classes))
         times["teacher"].append(teacher_only(online))
     best = {k: min(v) for k, v in times.items()}
     ideal = best["online"] / max(1e-9, best["online"] - best["teacher"])
     achieved = best["online"] / best["cached"]
-    return {"train_images": len(train), "teacher_side": tspec.size, "student_side": sspec.size,
+    return {"train_images": index.total("train"), "teacher_side": tspec.size, "student_side": sspec.size,
             "cache_build_s": cache_s, "cache_reused": manifest["stats"]["shards_built"] == 0,
             "online_epoch_s": best["online"], "cached_epoch_s": best["cached"], "teacher_forward_s": best["teacher"],
             "achieved_speedup": achieved, "ideal_speedup": ideal, "fraction_of_ideal": achieved / ideal}

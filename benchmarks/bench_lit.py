@@ -20,19 +20,15 @@ too, with the number of epochs after which it has paid for itself. Then the full
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import tempfile
 import time
 
 import numpy as np
 import torch
-from PIL import Image
 
-from vitdistill.cache import fs
-from vitdistill.cache.tario import iter_tar_samples
 from vitdistill.config import LitConfig, TeacherConfig, load_config
-from vitdistill.data.datasets import IMAGE_FIELDS
+from vitdistill.data.shards import decode_image, read_shard
 from vitdistill.data.ingest import resolve_inputs
 from vitdistill.extract import extract
 from vitdistill.lit.data import load_lit_data
@@ -74,16 +70,13 @@ def online_epoch(model, loss_fn, feats, opt, data, shards: list[str], teacher, b
 
     t0 = time.perf_counter()
     for url in shards:
-        with fs.open_read(url) as f:
-            for key, fields in iter_tar_samples(f, url):
-                if key not in text_of:
-                    continue
-                field = next(x for x in IMAGE_FIELDS if x in fields)
-                with Image.open(io.BytesIO(fields[field])) as img:
-                    pixels.append(np.asarray(transform(img.convert("RGB")), dtype=np.uint8))
-                ids.append(text_of[key])
-                if len(ids) == batch_size:
-                    flush()
+        for key, fields in read_shard(url):
+            if key not in text_of:
+                continue
+            pixels.append(decode_image(key, fields, url, transform))
+            ids.append(text_of[key])
+            if len(ids) == batch_size:
+                flush()
     if ids:
         flush()
     return time.perf_counter() - t0
