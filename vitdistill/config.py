@@ -192,9 +192,13 @@ class DistillConfig(Section):
     temperature: float = Field(2.0, gt=0.0, description="softmax temperature of the kd loss (scaled back by T^2)")
     dist_token: bool = Field(False, description="DeiT: a distillation token whose head learns from the teacher")
     teacher_size: int | None = Field(
-        64, ge=16, le=1024,
+        None, ge=16, le=1024,
         description="side at which the teacher sees each view, if it accepts any side (CNNs; fixed-grid ViTs keep "
-        "theirs); none: its own input size (224 for effnet, ~10x the cost; digits are 8x8 px)",
+        "theirs); none: its own input size, the distribution it was trained on (cached mode pays it once)",
+    )
+    mixup: float = Field(
+        0.0, ge=0.0, description="function matching's mixup: each view is mixed with a partner's view from the same "
+        "shard, lambda ~ Beta(mixup, mixup), and teacher and student see the identical mixed image (0: off)",
     )
     crop_scale: tuple[float, float] = Field(
         (0.8, 1.0), description="random-resized-crop area range (digits are 8x8 px: small crops cut strokes off)"
@@ -202,6 +206,18 @@ class DistillConfig(Section):
     crop_ratio: tuple[float, float] = Field((0.75, 4.0 / 3.0), description="random-resized-crop aspect range")
     hflip: float = Field(
         0.0, ge=0.0, le=1.0, description="horizontal-flip probability (0: digits are not mirror-symmetric)"
+    )
+    data: DataConfig | None = Field(
+        None, description="the images the student distils on, if not data's train split: another (unlabelled) set "
+        "with source and path like data; every image of it trains, and data's val/test still evaluate",
+    )
+    label_fraction: float = Field(
+        1.0, ge=0.0, le=1.0, description="share of training labels used (a fixed subset by key hash), for "
+        "semi-supervised runs and the data-efficiency comparison; the rest train from the teacher alone",
+    )
+    head: Literal["auto", "trained", "probe"] = Field(
+        "auto", description="task head: trained with the labels, or a linear probe fitted on the student's own "
+        "features after distillation; auto = probe when the training loss saw no label (alpha 0, no labels)",
     )
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes that decode and render batches (0: in the training "

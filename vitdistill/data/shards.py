@@ -241,6 +241,8 @@ class RawItem:
     shard: str
     side: dict[str, bytes] | None = None
     partner: dict[str, bytes] | None = None
+    partner_key: str | None = None
+    lam: float | None = None  # the weight of this sample in its mix with the partner
 
 
 def _rng(*parts: Any) -> np.random.Generator:
@@ -254,13 +256,16 @@ class ShardStream:
     ``counts[j]`` is the number of items shard j yields: its samples in ``split`` or, with
     ``side_shards``, the samples its side shard holds (the view cache keeps the train images that
     decoded). ``make_batch(items, epoch)`` turns a list of :class:`RawItem` into a dict of tensors;
-    it runs in the DataLoader worker, so it must be picklable (a module-level class).
+    it runs in the DataLoader worker, so it must be picklable (a module-level class). ``partner(key,
+    side, shard_keys, epoch)`` may name another item of the same shard and a weight (mixup): the item
+    then carries that partner's encoded fields.
     """
 
     def __init__(self, shards: Sequence[str], counts: Sequence[int], rule: SplitRule, split: str, batch_size: int,
                  make_batch: Callable[[list[RawItem], int], dict], *, seed: int, on_error: str = "error",
                  shuffle_buffer: int = 1024, rank: int = 0, world: int = 1, readers: int = 1,
-                 side_shards: Sequence[str] | None = None, side_reader: Callable | None = None) -> None:
+                 side_shards: Sequence[str] | None = None, side_reader: Callable | None = None,
+                 partner: Callable | None = None) -> None:
         if len(shards) != len(counts):
             raise ValueError("one count per shard")
         self.shards, self.counts = list(shards), [int(c) for c in counts]
@@ -268,6 +273,7 @@ class ShardStream:
         self.seed, self.on_error, self.shuffle_buffer = seed, on_error, max(1, shuffle_buffer)
         self.rank, self.world, self.readers = rank, world, max(1, readers)
         self.side_shards, self.side_reader = (list(side_shards) if side_shards else None), side_reader
+        self.partner = partner
         if sum(self.counts) == 0:
             raise DataError(f"the {split} split is empty; lower data.val_fraction/test_fraction or add data")
 
@@ -314,7 +320,7 @@ class ShardStream:
         buf: list[RawItem] = []
         rng = _rng("buffer", self.seed, epoch, reader)
         for j in shards:
-            items = self._shard_items(j)
+            items = self._shard_items(j, epoch)
             if sample_level:
                 items = items[reader::self.total_readers]
             for i in _rng("shard", self.seed, epoch, j).permutation(len(items)):
@@ -328,26 +334,30 @@ class ShardStream:
             buf[k], buf[-1] = buf[-1], buf[k]
             yield buf.pop()
 
-    def _shard_items(self, j: int) -> list[RawItem]:
+    def _shard_items(self, j: int, epoch: int) -> list[RawItem]:
         """Shard j's items in file order (one shard's encoded samples: bounded by the shard size)."""
         shard = self.shards[j]
         if self.side_shards is None:
-            items = [RawItem(k, f, shard) for k, f in read_shard(shard, self.on_error) if self.rule.of(k) == self.split]
+            raw = {k: f for k, f in read_shard(shard, self.on_error) if self.rule.of(k) == self.split}
+            items = [RawItem(k, f, shard) for k, f in raw.items()]
         else:
             side = self.side_reader(self.side_shards[j])  # key -> fields, in the side shard's order
-            raw = {k: f for k, f in read_shard(shard, self.on_error) if k in side}
+            raw = {k: f for k, f in read_shard(shard, self.on_error) if self.rule.of(k) == self.split}
             missing = [k for k in side if k not in raw]
             if missing:
                 raise DataError(f"{shard}: has no sample {missing[0]!r} that {self.side_shards[j]} holds "
                                 f"({len(missing)} missing); the input shard changed after the cache was built")
-            items = []
-            for k, s in side.items():
-                partner = s.get("partner")
-                if partner is not None:
-                    partner = raw.get(partner.decode())
-                    if partner is None:
-                        raise DataError(f"{self.side_shards[j]}: sample {k!r} names a partner not in {shard}")
-                items.append(RawItem(k, raw[k], shard, s, partner))
+            items = [RawItem(k, raw[k], shard, s) for k, s in side.items()]
+        if self.partner is not None:
+            keys = [it.key for it in items]
+            for it in items:
+                mix = self.partner(it.key, it.side, keys, epoch)
+                if mix is not None:
+                    it.partner_key, it.lam = mix
+                    it.partner = raw.get(it.partner_key)
+                    if it.partner is None:
+                        raise DataError(f"{shard}: sample {it.key!r} is mixed with {it.partner_key!r}, which is not "
+                                        f"a {self.split} sample of this shard")
         if len(items) != self.counts[j]:
             raise DataError(f"{shard}: yields {len(items)} {self.split} samples but the index says "
                             f"{self.counts[j]}; the shard changed (clear the cache's index/ to recount)")

@@ -25,7 +25,8 @@ from vitdistill.cache import fs
 from vitdistill.cache.tario import iter_tar_samples, load_npy
 from vitdistill.data.ingest import InputSet
 from vitdistill.data.shards import RawItem, ShardIndex, ShardStream, SplitRule, decode_sample, iter_samples
-from vitdistill.distill.views import InputSpec, View, render_batch, sample_view, view_rng
+from vitdistill.data.splits import split_unit
+from vitdistill.distill.views import InputSpec, View, mix_partner, render_batch, sample_view, view_rng
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher
 
@@ -42,76 +43,161 @@ def _empty(spec: InputSpec) -> torch.Tensor:
     return torch.zeros(0, 3, spec.size, spec.size)
 
 
+
+class LabelSubset:
+    """The fixed share of training labels a run may use: key k keeps its label iff sha1(labels-seed/k) falls
+    below ``fraction`` (the same subset in every epoch, mode and process)."""
+
+    def __init__(self, fraction: float, seed: int) -> None:
+        self.fraction, self.seed = fraction, seed
+
+    def __call__(self, key: str, label: int) -> int:
+        if self.fraction >= 1.0 or label < 0:
+            return label
+        return label if split_unit(key, f"labels-{self.seed}") < self.fraction else -1
+
+
 class OnlineRender:
     """``make_batch`` of online mode: each image's view of this epoch, rendered for the student and for
     the teacher (at its own side); the teacher runs in the training process."""
 
-    def __init__(self, student: InputSpec, teacher: InputSpec, view_params: tuple, seed: int, on_error: str) -> None:
+    def __init__(self, student: InputSpec, teacher: InputSpec, view_params: tuple, seed: int, on_error: str,
+                 labels: LabelSubset) -> None:
         self.student, self.teacher, self.view_params, self.seed, self.on_error = student, teacher, view_params, seed, on_error
+        self.labels = labels
+
+    def view(self, key: str, img: torch.Tensor, epoch: int) -> View:
+        scale, ratio, hflip = self.view_params
+        return sample_view(view_rng(self.seed, epoch, key), img.shape[1], img.shape[2], scale, ratio, hflip)
 
     def __call__(self, items: list[RawItem], epoch: int) -> Batch:
-        scale, ratio, hflip = self.view_params
-        imgs, views, labels = [], [], []
+        rows = Rows()
         for it in items:
             s = decode_sample(it.key, it.fields, it.shard, self.on_error)
             if s is None:
                 continue
             img = chw(s.image)
-            imgs.append(img)
-            views.append(sample_view(view_rng(self.seed, epoch, it.key), img.shape[1], img.shape[2], scale, ratio, hflip))
-            labels.append(s.label)
-        if not imgs:
-            return {"input": _empty(self.student), "label": torch.zeros(0, dtype=torch.int64),
-                    "teacher_input": _empty(self.teacher)}
-        return {"input": render_batch(imgs, views, self.student), "label": torch.tensor(labels, dtype=torch.int64),
-                "teacher_input": render_batch(imgs, views, self.teacher)}
+            mix = None
+            if it.partner is not None:
+                p = decode_sample(it.partner_key, it.partner, it.shard, self.on_error)
+                if p is None:
+                    continue
+                p_img = chw(p.image)
+                mix = (p_img, self.view(it.partner_key, p_img, epoch), it.lam, self.labels(it.partner_key, p.label))
+            rows.add(img, self.view(it.key, img, epoch), self.labels(it.key, s.label), mix)
+        out = rows.batch(self.student)
+        out["teacher_input"] = rows.inputs(self.teacher)
+        return out
+
+
+class Rows:
+    """The rows of one batch as they are decoded: images, views, labels and mixup partners."""
+
+    def __init__(self) -> None:
+        self.imgs: list[torch.Tensor] = []
+        self.views: list[View] = []
+        self.labels: list[int] = []
+        self.mixes: list[tuple | None] = []
+
+    def add(self, img: torch.Tensor, view: View, label: int, mix: tuple | None = None) -> None:
+        self.imgs.append(img)
+        self.views.append(view)
+        self.labels.append(label)
+        self.mixes.append(mix)
+
+    def inputs(self, spec: InputSpec) -> torch.Tensor:
+        if not self.imgs:
+            return _empty(spec)
+        mixes = [m[:3] if m else None for m in self.mixes] if any(self.mixes) else None
+        return render_batch(self.imgs, self.views, spec, mixes)  # (B, 3, S, S)
+
+    def batch(self, student: InputSpec) -> Batch:
+        """``input``, ``label`` and, with mixup, ``mix_label`` (the partner's) and ``mix_lam`` (B,)."""
+        out = {"input": self.inputs(student), "label": torch.tensor(self.labels, dtype=torch.int64)}
+        if any(self.mixes):
+            out["mix_label"] = torch.tensor([m[3] if m else -1 for m in self.mixes], dtype=torch.int64)
+            out["mix_lam"] = torch.tensor([m[2] if m else 1.0 for m in self.mixes], dtype=torch.float32)
+        return out
+
+
+class OnlinePartner:
+    """Online mixup: the partner of each sample in this epoch, drawn as the cached mode draws view e's."""
+
+    def __init__(self, seed: int, alpha: float) -> None:
+        self.seed, self.alpha = seed, alpha
+
+    def __call__(self, key: str, side, keys: list[str], epoch: int) -> tuple[str, float] | None:
+        return mix_partner(self.seed, epoch, key, keys, self.alpha)
+
+
+class CachedPartner:
+    """Cached mixup: the partner and weight stored with view ``epoch % K``."""
+
+    def __init__(self, num_views: int) -> None:
+        self.num_views = num_views
+
+    def __call__(self, key: str, side: dict[str, bytes], keys: list[str], epoch: int) -> tuple[str, float] | None:
+        mix = parse_view_record(key, side, "view cache", self.num_views)["mix"]
+        if mix is None or mix[epoch % self.num_views] is None:
+            return None
+        partner, _, lam = mix[epoch % self.num_views]
+        return partner, float(lam)
 
 
 class CachedRender:
     """``make_batch`` of cached mode (FKD): stored view ``epoch % K`` of each image, re-rendered from its
     box and flip, with the teacher outputs stored for it. No teacher runs."""
 
-    def __init__(self, student: InputSpec, num_views: int, on_error: str) -> None:
-        self.student, self.num_views, self.on_error = student, num_views, on_error
+    def __init__(self, student: InputSpec, num_views: int, on_error: str, labels: LabelSubset) -> None:
+        self.student, self.num_views, self.on_error, self.labels = student, num_views, on_error, labels
 
     def __call__(self, items: list[RawItem], epoch: int) -> Batch:
         k = epoch % self.num_views
-        imgs, views, labels, embs, logits = [], [], [], [], []
+        rows, embs, logits = Rows(), [], []
         for it in items:
             s = decode_sample(it.key, it.fields, it.shard, self.on_error)
             if s is None:  # decoded when the views were cached, so only a changed shard gets here
                 continue
             rec = parse_view_record(it.key, it.side, it.shard, self.num_views)
-            imgs.append(chw(s.image))
-            views.append(View.from_list(rec["views"][k]))
-            labels.append(s.label)
+            mix = None
+            if rec["mix"] is not None and rec["mix"][k] is not None:
+                p = decode_sample(it.partner_key, it.partner, it.shard, self.on_error)
+                if p is None:
+                    continue
+                _, p_view, lam = rec["mix"][k]
+                mix = (chw(p.image), View.from_list(p_view), float(lam), self.labels(it.partner_key, p.label))
+            rows.add(chw(s.image), View.from_list(rec["views"][k]), self.labels(it.key, s.label), mix)
             embs.append(rec["emb"][k])
             if rec["logits"] is not None:
                 logits.append(rec["logits"][k])
-        if not imgs:
-            return {"input": _empty(self.student), "label": torch.zeros(0, dtype=torch.int64)}
-        out = {"input": render_batch(imgs, views, self.student), "label": torch.tensor(labels, dtype=torch.int64),
-               "teacher_emb": torch.from_numpy(np.stack(embs).astype(np.float32))}
+        out = rows.batch(self.student)
+        if not embs:
+            return out
+        out["teacher_emb"] = torch.from_numpy(np.stack(embs).astype(np.float32))
         if logits:
             out["teacher_logits"] = torch.from_numpy(np.stack(logits).astype(np.float32))
         return out
 
 
 def parse_view_record(key: str, fields: dict[str, bytes], where: str, num_views: int) -> dict:
-    """A view-cache sample: ``views`` (K, 5) ints, ``emb`` (K, D) and ``logits`` (K, C) or None."""
+    """A view-cache sample: ``views`` (K, 5) ints, ``mix`` (K of [partner key, partner view, lambda] or
+    None) or None, ``emb`` (K, D) and ``logits`` (K, C) or None."""
     at = f"{where}: sample {key!r}"
     if "views.json" not in fields or "emb.npy" not in fields:
         raise CacheError(f"{at}: expected views.json and emb.npy")
     try:
-        views = json.loads(fields["views.json"])["views"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        doc = json.loads(fields["views.json"])
+        views, mix = doc["views"], doc.get("mix")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         raise CacheError(f"{at}: views.json is not {{'views': [[top, left, height, width, flip], ...]}}") from None
+    if mix is not None and len(mix) != num_views:
+        raise CacheError(f"{at}: views.json has {len(mix)} mixes for {num_views} views")
     emb = load_npy(fields["emb.npy"], at)
     logits = load_npy(fields["logits.npy"], at) if "logits.npy" in fields else None
     if len(views) != num_views or emb.ndim != 2 or emb.shape[0] != num_views or (
             logits is not None and logits.shape[0] != num_views):
         raise CacheError(f"{at}: views {np.shape(views)} / emb {emb.shape}, expected {num_views} views each")
-    return {"views": views, "emb": emb, "logits": logits}
+    return {"views": views, "mix": mix, "emb": emb, "logits": logits}
 
 
 def read_view_shard(url: str) -> dict[str, dict[str, bytes]]:
@@ -149,10 +235,12 @@ class StreamBatches:
     def online(cls, inputs: InputSet, index: ShardIndex, rule: SplitRule, d, on_error: str, student: InputSpec,
                teacher: Teacher, teacher_input: InputSpec, rank: int = 0, world: int = 1) -> StreamBatches:
         """``d``: the DistillConfig."""
-        render = OnlineRender(student, teacher_input, (d.crop_scale, d.crop_ratio, d.hflip), d.seed, on_error)
+        render = OnlineRender(student, teacher_input, (d.crop_scale, d.crop_ratio, d.hflip), d.seed, on_error,
+                              LabelSubset(d.label_fraction, d.seed))
         stream = ShardStream(inputs.shards, index.split_counts("train"), rule, "train", d.batch_size // world, render,
                              seed=d.seed, on_error=on_error, shuffle_buffer=d.shuffle_buffer, rank=rank, world=world,
-                             readers=max(1, d.num_workers))
+                             readers=max(1, d.num_workers),
+                             partner=OnlinePartner(d.seed, d.mixup) if d.mixup > 0 else None)
         return cls(stream, d.num_workers, teacher)
 
     @classmethod
@@ -161,21 +249,24 @@ class StreamBatches:
         shards = manifest["shards"]
         if [s["input"] for s in shards] != list(inputs.shards):
             raise CacheError(f"{cache_dir}: the view cache was built from other input shards")
-        render = CachedRender(student, int(manifest["views"]["num_views"]), on_error)
+        k = int(manifest["views"]["num_views"])
         stream = ShardStream(inputs.shards, [s["count"] for s in shards], rule, "train", d.batch_size // world,
-                             render, seed=d.seed, on_error=on_error, shuffle_buffer=d.shuffle_buffer, rank=rank,
-                             world=world, readers=max(1, d.num_workers),
-                             side_shards=[fs.join(cache_dir, s["name"]) for s in shards], side_reader=read_view_shard)
+                             CachedRender(student, k, on_error, LabelSubset(d.label_fraction, d.seed)), seed=d.seed,
+                             on_error=on_error,
+                             shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, readers=max(1, d.num_workers),
+                             side_shards=[fs.join(cache_dir, s["name"]) for s in shards], side_reader=read_view_shard,
+                             partner=CachedPartner(k) if manifest["views"].get("mixup", 0) > 0 else None)
         return cls(stream, d.num_workers)
 
 
-def eval_batches(shards: list[str], rule: SplitRule, split: str, on_error: str,
-                 batch_size: int = EVAL_BATCH) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
-    """The images of ``split`` in shard order, ``batch_size`` at a time: ((3, H, W) uint8 list, (B,) labels)."""
+def eval_batches(shards: list[str], rule: SplitRule, split: str, on_error: str, batch_size: int = EVAL_BATCH,
+                 labels_of: LabelSubset | None = None) -> Iterator[tuple[list[torch.Tensor], np.ndarray]]:
+    """The images of ``split`` in shard order, ``batch_size`` at a time: ((3, H, W) uint8 list, (B,) labels,
+    -1 where a sample has none or ``labels_of`` drops it)."""
     imgs, labels = [], []
     for s in iter_samples(shards, rule, split, on_error):
         imgs.append(chw(s.image))
-        labels.append(s.label)
+        labels.append(labels_of(s.key, s.label) if labels_of else s.label)
         if len(imgs) == batch_size:
             yield imgs, np.array(labels, dtype=np.int64)
             imgs, labels = [], []

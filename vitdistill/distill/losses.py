@@ -51,14 +51,31 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[valid].float(), labels[valid])
 
 
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mix_labels: torch.Tensor,
+                        lam: torch.Tensor) -> torch.Tensor:
+    """CE to the mixed label ``lam * y + (1 - lam) * y_mix``, over the labels that exist (-1: none):
+    (B, C), (B,), (B,), (B,) -> scalar, the weighted mean; 0 with a gradient if no row has a label."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, C)
+    total, weight = logp.sum() * 0.0, logp.new_zeros(())
+    for y, w in ((labels, lam), (mix_labels, 1.0 - lam)):
+        valid = y >= 0
+        if bool(valid.any()):
+            total = total - (w[valid] * logp[valid].gather(1, y[valid, None])[:, 0]).sum()
+            weight = weight + w[valid].sum()
+    return total / weight.clamp_min(1e-12) if float(weight) > 0 else total
+
+
 @LOSSES.register("ce")
 class CrossEntropy(nn.Module):
-    """Ground-truth labels on the task head (rows without a label, -1, are ignored)."""
+    """Ground-truth labels on the task head (rows without a label, -1, are ignored); mixed images
+    (``mix_lam``, ``mix_label`` in the batch) learn the mixed label."""
 
     def __init__(self, **_: Any) -> None:
         super().__init__()
 
     def forward(self, out: Outputs, batch: Batch) -> torch.Tensor:
+        if "mix_lam" in batch:
+            return mixed_cross_entropy(out["logits"], batch["label"], batch["mix_label"], batch["mix_lam"])
         return masked_cross_entropy(out["logits"], batch["label"])
 
 

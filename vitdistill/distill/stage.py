@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -37,10 +38,10 @@ from vitdistill.cache import fs
 from vitdistill.config import VitdistillConfig
 from vitdistill.data.ingest import InputSet, resolve_inputs
 from vitdistill.data.shards import ShardIndex, SplitRule, index_shards
-from vitdistill.distill.data import StreamBatches, check_labels, eval_batches, num_classes
+from vitdistill.distill.data import LabelSubset, StreamBatches, check_labels, eval_batches, num_classes
 from vitdistill.distill.evaluate import collect, count_params, distance, gflops, student_fn, teacher_fn, top1
 from vitdistill.distill.losses import NEEDS_TEACHER_LOGITS, create_distill_loss
-from vitdistill.distill.students import Student, create_student
+from vitdistill.distill.students import ProbeHead, Student, create_student
 from vitdistill.distill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
 from vitdistill.distill.viewcache import build_view_cache, plan_view_cache, teacher_spec
 from vitdistill.distill.views import InputSpec
@@ -126,22 +127,61 @@ def teacher_probe_top1(cfg: VitdistillConfig, inputs: InputSet) -> float | None:
     return linear_probe(*args, normalize=cfg.probe.normalize, num_classes=len(fc.classes) if fc.classes else None).top1
 
 
+def probe_head_wanted(d, has_labels: bool) -> bool:
+    """``distill.head``: auto fits a probe head when the training loss saw no label."""
+    if d.head != "auto":
+        return d.head == "probe"
+    return d.alpha == 0 or d.data is not None or d.label_fraction == 0 or not has_labels
+
+
 def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, inputs: InputSet,
                      index: ShardIndex) -> dict[str, float]:
-    """Test-split metrics of student and teacher (one decode of each test image for both), and a linear probe
-    on the student's embeddings (its N x D train/val/test features are the one array that grows with N)."""
+    """Test-split metrics of student and teacher (one decode of each test image for both) and a linear probe
+    on the student's embeddings (its N x D train/val/test features are the one array that grows with N).
+    With a probe head (``distill.head``), the probe fitted on the ``distill.label_fraction`` subset of the
+    train labels becomes the student's task head before it is scored."""
     from vitdistill.probes.linear import linear_probe
 
-    sspec, tspec = student_spec(student), teacher_spec(teacher, cfg.distill.teacher_size)
+    d = cfg.distill
+    sspec, tspec = student_spec(student), teacher_spec(teacher, d.teacher_size)
     rule, on_error = SplitRule.from_config(cfg.data), cfg.data.on_error
     n_classes = num_classes(inputs, index)
     metrics: dict[str, float] = {}
-    test = None
-    if index.total("test"):
+    if not index.total("test"):
+        s = t = labels = None
+    else:
         outs, labels = collect(eval_batches(inputs.shards, rule, "test", on_error),
                                {"student": student_fn(student, sspec), "teacher": teacher_fn(teacher, tspec)})
         s, t = outs["student"], outs["teacher"]
-        test = (s["emb"], labels)
+    probe_head = probe_head_wanted(d, index.has_labels)
+    if probe_head and not (index.has_labels and index.total("train") and index.total("val")):
+        raise ConfigError("distill.head=probe: the task head is a probe fitted on data's labelled train and val "
+                          "splits, and data has none; set data to a labelled set or distill.head=trained")
+    if index.has_labels and s is not None and index.total("train") and index.total("val"):
+        emb_only = student_fn(student, sspec)
+        feats = {}
+        for split in ("train", "val"):
+            subset = LabelSubset(d.label_fraction, d.seed) if split == "train" else None
+            outs, lab = collect(eval_batches(inputs.shards, rule, split, on_error, labels_of=subset),
+                                {"s": lambda imgs: {"emb": emb_only(imgs)["emb"]}})
+            feats[split] = (outs["s"]["emb"], lab)
+        full = linear_probe(*feats["train"], *feats["val"], s["emb"], labels, normalize=cfg.probe.normalize,
+                            num_classes=n_classes or None) if (feats["train"][1] >= 0).all() else None
+        if full is not None:
+            metrics["student_probe_top1"] = full.top1
+        if probe_head:
+            x, y = feats["train"]
+            kept = y >= 0
+            if not kept.any():
+                raise ConfigError(f"distill.label_fraction={d.label_fraction} keeps no training label for the "
+                                  "probe head")
+            probe = full if d.label_fraction >= 1.0 and full is not None else linear_probe(
+                x[kept], y[kept], *feats["val"], s["emb"], labels, normalize=cfg.probe.normalize,
+                num_classes=n_classes or None)
+            student.head = ProbeHead(probe.classifier)
+            s["logits"] = probe.classifier.logits(s["emb"]).astype(np.float32)
+            metrics["head_labels"] = float(kept.sum())
+    if s is not None:
         if index.has_labels:
             metrics["student_top1"] = top1(s["logits"], labels)
             if "logits" in t and teacher.num_classes == n_classes:
@@ -155,21 +195,28 @@ def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, 
         probed = teacher_probe_top1(cfg, inputs)
         if probed is not None:
             metrics["teacher_top1"] = probed
-    if index.has_labels and test is not None and index.total("train") and index.total("val"):
-        emb_only = student_fn(student, sspec)
-        feats = {}
-        for split in ("train", "val"):
-            outs, labels = collect(eval_batches(inputs.shards, rule, split, on_error),
-                                   {"s": lambda imgs: {"emb": emb_only(imgs)["emb"]}})
-            feats[split] = (outs["s"]["emb"], labels)
-        probe = linear_probe(*feats["train"], *feats["val"], *test, normalize=cfg.probe.normalize,
-                             num_classes=n_classes or None)
-        metrics["student_probe_top1"] = probe.top1
     metrics["student_params"] = float(count_params(student))
     metrics["teacher_params"] = float(count_params(teacher.model))
     metrics["student_gflops"] = gflops(student, sspec.size)
     metrics["teacher_gflops"] = gflops(teacher.model, tspec.size)
     return metrics
+
+
+def training_set(cfg: VitdistillConfig, inputs: InputSet, index: ShardIndex, progress: bool
+                 ) -> tuple[VitdistillConfig, InputSet, ShardIndex]:
+    """The config, shards and index of the images the student trains on: data's train split, or every
+    image of ``distill.data`` (its own val/test fractions are 0; data's splits still evaluate)."""
+    if cfg.distill.data is None:
+        return cfg, inputs, index
+    data = cfg.distill.data.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0})
+    dcfg = cfg.model_copy(update={"data": data})
+    train_inputs = resolve_inputs(dcfg, progress=progress)
+    if train_inputs.fingerprint == inputs.fingerprint:
+        raise ConfigError("distill.data is the data set that is evaluated: its val and test images would train "
+                          "the student; point distill.data at other images or leave it unset")
+    rule = SplitRule.from_config(data)
+    return dcfg, train_inputs, index_shards(train_inputs.shards, rule, data.on_error, train_inputs.fingerprint,
+                                            cfg.cache.root)
 
 
 def loss_curves_figure(history: list[dict[str, float]], title: str) -> Figure:
@@ -200,37 +247,36 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
         rank, world_size = world()
         if d.batch_size % world_size:
             raise ConfigError(f"distill.batch_size={d.batch_size} must be a multiple of the {world_size} processes")
-        if rank == 0:  # ingest once; the other ranks then find it finished
-            inputs = resolve_inputs(cfg, progress=progress)
+        teacher = create_teacher(cfg.teacher)
+        if rank == 0:  # ingest and index once; the other ranks then find them finished
+            inputs, index, (tcfg_data, train_inputs, train_index) = _inputs(cfg, progress)
         barrier()
         if rank:
-            inputs = resolve_inputs(cfg, progress=False)
-        teacher = create_teacher(cfg.teacher)
-        rule = SplitRule.from_config(cfg.data)
-        index = index_shards(inputs.shards, rule, cfg.data.on_error, inputs.fingerprint, cfg.cache.root)
+            inputs, index, (tcfg_data, train_inputs, train_index) = _inputs(cfg, False)
         check_labels(index, inputs)
         student = build_student(cfg, teacher, num_classes(inputs, index))
         loss_fn = create_distill_loss(d.alpha, d.losses, d.temperature)  # unknown loss names fail here, early
         sspec, tspec = student_spec(student), teacher_spec(teacher, d.teacher_size)
-        num_train = index.total("train")
+        train_rule, on_error = SplitRule.from_config(tcfg_data.data), tcfg_data.data.on_error
+        num_train = train_index.total("train")
         view_cache_dir = None
         t0 = time.perf_counter()
         if d.mode == "cached":
             if rank == 0:
-                plan, manifest = build_view_cache(cfg, inputs, progress=progress)
+                plan, manifest = build_view_cache(tcfg_data, train_inputs, progress=progress)
             barrier()
             if rank:
-                plan = plan_view_cache(cfg, inputs)
+                plan = plan_view_cache(tcfg_data, train_inputs)
                 manifest = fs.read_json(plan.manifest_url)
             view_cache_dir = plan.cache_dir
             num_train = int(manifest["num_samples"])
-            data = StreamBatches.cached(inputs, plan.cache_dir, manifest, rule, d, cfg.data.on_error, sspec,
+            data = StreamBatches.cached(train_inputs, plan.cache_dir, manifest, train_rule, d, on_error, sspec,
                                         rank=rank, world=world_size)
         else:
-            data = StreamBatches.online(inputs, index, rule, d, cfg.data.on_error, sspec, teacher, tspec,
+            data = StreamBatches.online(train_inputs, train_index, train_rule, d, on_error, sspec, teacher, tspec,
                                         rank=rank, world=world_size)
         cache_seconds = time.perf_counter() - t0
-        ckpt_dir = run_dir(cfg, teacher, inputs, world_size)
+        ckpt_dir = run_dir(tcfg_data, teacher, train_inputs, world_size)
         tcfg = TrainerConfig(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, warmup_fraction=d.warmup_fraction,
                              grad_clip=d.grad_clip, precision=d.precision, device=str(device),
                              checkpoint_every=d.checkpoint_every, checkpoint_dir=ckpt_dir, resume=d.resume,
@@ -254,6 +300,13 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def _inputs(cfg: VitdistillConfig, progress: bool):
+    inputs = resolve_inputs(cfg, progress=progress)
+    index = index_shards(inputs.shards, SplitRule.from_config(cfg.data), cfg.data.on_error, inputs.fingerprint,
+                         cfg.cache.root)
+    return inputs, index, training_set(cfg, inputs, index, progress)
 
 
 def train_metrics(result: TrainResult, num_train: int, cache_seconds: float) -> dict[str, float]:

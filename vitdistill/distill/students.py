@@ -152,6 +152,23 @@ def input_spec(backbone: nn.Module, cfg: StudentConfig) -> tuple[int, tuple[floa
     return cfg.img_size or int(dc["input_size"][-1]), tuple(dc["mean"]), tuple(dc["std"])
 
 
+class ProbeHead(nn.Module):
+    """A task head that is a fitted linear probe on the student's own embedding (students distilled without
+    labels): ``W ((x / |x| - mean) * scale) + b``, as :class:`vitdistill.probes.linear.LinearClassifier`."""
+
+    def __init__(self, clf) -> None:
+        super().__init__()
+        self.normalize = bool(clf.normalize)
+        for name in ("mean", "scale", "weight", "bias"):
+            self.register_buffer(name, torch.as_tensor(getattr(clf, name), dtype=torch.float32))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        x = emb.float()
+        if self.normalize:
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return ((x - self.mean) * self.scale) @ self.weight.T + self.bias  # (B, C)
+
+
 class Student(nn.Module):
     """Backbone + task head + optional teacher-space head, projection and DeiT distillation token."""
 

@@ -31,7 +31,7 @@ from vitdistill.config import TeacherConfig, VitdistillConfig
 from vitdistill.data.ingest import InputSet
 from vitdistill.data.shards import SplitRule, iter_samples
 from vitdistill.distill.data import chw
-from vitdistill.distill.views import InputSpec, View, render_batch, sample_view, view_rng
+from vitdistill.distill.views import InputSpec, Mix, View, mix_partner, render_batch, sample_view, view_rng
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher
 from vitdistill.progress import progress_bar
@@ -88,6 +88,8 @@ def plan_view_cache(cfg: VitdistillConfig, inputs: InputSet) -> ViewCachePlan:
     spec = teacher_spec(teacher, d.teacher_size)
     views = {"num_views": d.num_views, "crop_scale": list(d.crop_scale), "crop_ratio": list(d.crop_ratio),
              "hflip": d.hflip, "seed": d.seed, "render": "bilinear-antialias"}
+    if d.mixup > 0:  # only then: caches built before mixup existed keep their address
+        views["mixup"] = d.mixup
     address = {
         "format": VIEWS_FORMAT,
         "teacher": teacher.fingerprint(),
@@ -120,6 +122,25 @@ def plan_views(plan: ViewCachePlan, key: str, img: torch.Tensor) -> list[View]:
                         tuple(v["crop_ratio"]), v["hflip"]) for k in range(v["num_views"])]
 
 
+def plan_mixes(plan: ViewCachePlan, key: str, images: dict[str, torch.Tensor]
+               ) -> list[tuple[str, View, float] | None] | None:
+    """With mixup, view k of ``key`` is mixed with view k of a partner from the same shard (``images``: the
+    shard's decoded training images), as online epoch k would be: (partner key, its view, lambda) per view;
+    None without mixup."""
+    v = plan.views
+    alpha = v.get("mixup", 0.0)
+    if alpha <= 0:
+        return None
+    out: list[tuple[str, View, float] | None] = []
+    for k in range(v["num_views"]):
+        mix = mix_partner(v["seed"], k, key, list(images), alpha)
+        if mix is not None:
+            partner, lam = mix
+            mix = (partner, plan_views(plan, partner, images[partner])[k], lam)
+        out.append(mix)
+    return out
+
+
 def load_view_record(plan: ViewCachePlan, index: int) -> dict | None:
     try:
         record = fs.read_json(plan.record_url(index))
@@ -147,23 +168,29 @@ def _build_view_shard(plan: ViewCachePlan, index: int, progress: bool) -> dict:
     fs.makedirs(plan.cache_dir)
     t0 = time.perf_counter()
     teacher_s = 0.0
-    pending: list[tuple[str, torch.Tensor, list[View]]] = []
+    pending: list[tuple[str, torch.Tensor, list[View], list | None]] = []
+    images: dict[str, torch.Tensor] = {}
     bar = progress_bar(progress, desc=f"views {shard.rsplit('/', 1)[-1]}", unit="img", leave=False)
 
     def flush(writer: TarShardWriter) -> None:
         nonlocal teacher_s
-        imgs = [img for _, img, views in pending for _ in views]
-        views = [v for _, _, vs in pending for v in vs]
+        imgs = [img for _, img, views, _ in pending for _ in views]
+        views = [v for _, _, vs, _ in pending for v in vs]
+        mixes: list[Mix | None] = [None if m is None else (images[m[0]], m[1], m[2])
+                                   for _, _, vs, ms in pending for m in (ms or [None] * len(vs))]
         t = time.perf_counter()
-        emb, logits = teacher(render_batch(imgs, views, spec))  # (B * K, Dt), (B * K, Ct) | None
+        emb, logits = teacher(render_batch(imgs, views, spec, mixes))  # (B * K, Dt), (B * K, Ct) | None
         teacher_s += time.perf_counter() - t
         if not torch.isfinite(emb).all() or (logits is not None and not torch.isfinite(logits).all()):
             raise CacheError(f"{shard}: teacher gave non-finite outputs for a view of {pending[0][0]!r}..")
         k = plan.views["num_views"]
         emb_np = emb.cpu().numpy().reshape(len(pending), k, -1)
         logits_np = logits.cpu().numpy().reshape(len(pending), k, -1) if logits is not None else None
-        for i, (key, _, vs) in enumerate(pending):
-            fields = {"views.json": json.dumps({"views": [v.to_list() for v in vs]}).encode(),
+        for i, (key, _, vs, ms) in enumerate(pending):
+            doc: dict[str, Any] = {"views": [v.to_list() for v in vs]}
+            if ms is not None:
+                doc["mix"] = [None if m is None else [m[0], m[1].to_list(), m[2]] for m in ms]
+            fields = {"views.json": json.dumps(doc).encode(),
                       "emb.npy": dump_npy(emb_np[i].astype(dtype))}
             if logits_np is not None:
                 fields["logits.npy"] = dump_npy(logits_np[i].astype(dtype))
@@ -175,9 +202,10 @@ def _build_view_shard(plan: ViewCachePlan, index: int, progress: bool) -> dict:
     with fs.staged(url) as tmp:
         writer = TarShardWriter(tmp)
         try:
-            for s in iter_samples([shard], rule, "train", plan.on_error):
-                img = chw(s.image)
-                pending.append((s.key, img, plan_views(plan, s.key, img)))
+            # the shard's training images, decoded once (one shard: bounded) so that partners can be mixed in
+            images.update((s.key, chw(s.image)) for s in iter_samples([shard], rule, "train", plan.on_error))
+            for key, img in images.items():
+                pending.append((key, img, plan_views(plan, key, img), plan_mixes(plan, key, images)))
                 if len(pending) * plan.views["num_views"] >= batch_views:
                     flush(writer)
             if pending:

@@ -7,6 +7,11 @@
 A view is a pure function of (seed, index, key), never of a global RNG, so the online and cached
 modes see the same views (epoch e online = stored view e in cached mode), a resumed run sees the
 views it would have seen, and each DDP rank draws its images' views independently.
+
+Function matching (Beyer et al. 2022) mixes each view with a partner's: :func:`mix_partner` draws the
+partner among the other samples of the same shard and lambda ~ Beta(alpha, alpha), again from
+(seed, index, key) alone, so the cached mode stores (partner, lambda) with the view and replays the
+exact mixed image the teacher saw.
 """
 
 from __future__ import annotations
@@ -86,6 +91,17 @@ def sample_view(rng: np.random.Generator, height: int, width: int, scale: tuple[
     return View(*box, flip=bool(rng.random() < hflip))
 
 
+def mix_partner(seed: int, index: int, key: str, candidates: list[str], alpha: float) -> tuple[str, float] | None:
+    """Mixup partner and weight of view ``index`` of ``key``: a uniform draw among ``candidates`` other than
+    ``key`` (the samples of its shard), lambda ~ Beta(alpha, alpha); None when off or alone."""
+    if alpha <= 0 or len(candidates) < 2:
+        return None
+    rng = view_rng(seed, index, key + "#mix")
+    j = int(rng.integers(len(candidates) - 1))
+    partner = candidates[j] if candidates[j] != key else candidates[-1]
+    return partner, float(rng.beta(alpha, alpha))
+
+
 def full_view(height: int, width: int) -> View:
     """The evaluation view: the whole image, unflipped."""
     return View(0, 0, height, width, False)
@@ -102,6 +118,19 @@ def render(img: torch.Tensor, view: View, size: int) -> torch.Tensor:
     return x[0]
 
 
-def render_batch(images: list[torch.Tensor], views: list[View], spec: InputSpec) -> torch.Tensor:
-    """B images and their views -> (B, 3, S, S) normalised model input."""
-    return spec.normalize(torch.stack([render(img, v, spec.size) for img, v in zip(images, views)]))
+Mix = tuple[torch.Tensor, View, float]  # partner image (3, H, W) uint8, its view, the weight of the first image
+
+
+def render_batch(images: list[torch.Tensor], views: list[View], spec: InputSpec,
+                 mixes: list[Mix | None] | None = None) -> torch.Tensor:
+    """B images and their views -> (B, 3, S, S) normalised model input; with ``mixes``, row i is
+    ``lam * view_i + (1 - lam) * partner view`` (mixup in pixel space, before normalising)."""
+    rows = []
+    for i, (img, v) in enumerate(zip(images, views)):
+        x = render(img, v, spec.size)
+        mix = mixes[i] if mixes else None
+        if mix is not None:
+            p_img, p_view, lam = mix
+            x = lam * x + (1.0 - lam) * render(p_img, p_view, spec.size)
+        rows.append(x)
+    return spec.normalize(torch.stack(rows))

@@ -56,6 +56,7 @@ from vitdistill.probes.inputs import (
     resolve_num_classes,
 )
 from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_accuracy
+from vitdistill.errors import DataError
 
 # Half-decade steps, CLIP-style. For unit-norm features, l2 = 1 already gives a near-constant
 # classifier and 1e-7 is close to unregularised (scikit-learn C = 1e7 / N).
@@ -92,6 +93,7 @@ class LinearProbeResult:
     fit_seconds: float  # sweep plus refit, excluding input checks and test scoring
     num_iterations: int = 0  # L-BFGS iterations over the sweep and the refit
     num_classes: int = 0
+    classifier: LinearClassifier | None = None  # the fitted probe (transform + weights), to reuse elsewhere
 
     def metrics(self) -> dict[str, float]:
         """Scalar metrics, ready to log."""
@@ -102,6 +104,46 @@ class LinearProbeResult:
             "chosen_l2": self.chosen_l2,
             "fit_seconds": self.fit_seconds,
         }
+
+
+@dataclass
+class LinearClassifier:
+    """A fitted linear probe as data: raw features -> logits through the fitted transform. Saved as a plain
+    ``.npz`` (no pickle), so every stage that reports a teacher number uses this one model."""
+
+    normalize: bool
+    mean: np.ndarray  # (D,) float64
+    scale: np.ndarray  # (D,) float64
+    weight: np.ndarray  # (C, D) float64
+    bias: np.ndarray  # (C,) float64
+    l2: float
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(N, D) raw features -> (N, C) float64 scores."""
+        t = FeatureTransform(self.normalize, self.mean, self.scale)(np.asarray(x, dtype=np.float64))
+        return t @ self.weight.T + self.bias
+
+    def save(self, url: str) -> None:
+        import io
+
+        from vitdistill.cache import fs
+
+        buf = io.BytesIO()
+        np.savez(buf, normalize=np.array(self.normalize), mean=self.mean, scale=self.scale, weight=self.weight,
+                 bias=self.bias, l2=np.array(self.l2))
+        fs.write_bytes_atomic(url, buf.getvalue())
+
+    @classmethod
+    def load(cls, url: str) -> LinearClassifier:
+        import io
+
+        from vitdistill.cache import fs
+
+        try:
+            z = np.load(io.BytesIO(fs.read_bytes(url)), allow_pickle=False)
+            return cls(bool(z["normalize"]), z["mean"], z["scale"], z["weight"], z["bias"], float(z["l2"]))
+        except (ValueError, KeyError, OSError) as e:
+            raise DataError(f"{url}: not a saved linear probe ({e})") from None
 
 
 @dataclass
@@ -594,4 +636,6 @@ def linear_probe(
         fit_seconds=fit_seconds,
         num_iterations=iterations,
         num_classes=num_classes,
+        classifier=LinearClassifier(transform.normalize, transform.mean, transform.scale, final.weight.numpy(),
+                                    final.bias.numpy(), final.l2),
     )
