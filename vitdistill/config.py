@@ -371,31 +371,44 @@ def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
     node[path[-1]] = value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> VitdistillConfig:
-    """Defaults <- YAML file <- ``--set`` overrides, validated once."""
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Sections merge key by key; any other value (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | list | tuple | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> VitdistillConfig:
+    """Defaults <- YAML file(s), each over the one before (a data config, then a recipe) <- ``--set``
+    overrides, validated once."""
+    paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     tree: dict = {}
-    origin = "config"
-    if path is not None:
-        p = Path(path)
-        origin = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
-        tree = loaded
+    for p in paths:
+        tree = _merge(tree, _read_yaml(Path(p)))
+    origin = " + ".join(str(p) for p in paths) or "config"
     for item in overrides:
         keys, value = parse_override(item)
         _apply(tree, keys, value, f"--set {item}")
     if overrides:
-        origin = f"{origin} (with --set)" if path else "--set"
+        origin = f"{origin} (with --set)" if paths else "--set"
     return validate_config(tree, origin)
 
 

@@ -44,7 +44,9 @@ app.add_typer(list_app, name="list")
 out = Console()
 err = Console(stderr=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML config file (an instance of the config tree).")]
+ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
+    "-c", "--config", help="YAML config file (an instance of the config tree); repeat to layer files, e.g. a data "
+    "config then a recipe from configs/distill/")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: dotted.key=value (repeatable).")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the command's result (metrics, paths, run ids) as JSON.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and Prefect's error logs.")]
@@ -103,7 +105,7 @@ def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2 if isinstance(e, VitdistillError) else 1) from None
 
 
-def _load(config: Path | None, sets: list[str] | None):
+def _load(config: list[Path] | None, sets: list[str] | None):
     from vitdistill.config import load_config
 
     return load_config(config, sets or [])
@@ -158,7 +160,7 @@ def check_prefect_api(required: bool = False) -> str | None:
     return api
 
 
-def _before_flows(config: Path | None, sets: list[str] | None, debug: bool, prefect_level: int = logging.INFO):
+def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool, prefect_level: int = logging.INFO):
     """The config, after the checks that fail in one line before any flow run (Prefect API, MLflow
     server), with Prefect's logs at ``prefect_level`` and cut to one line unless ``debug``."""
     cfg = _load(config, sets)
@@ -174,7 +176,7 @@ def _before_flows(config: Path | None, sets: list[str] | None, debug: bool, pref
     return cfg
 
 
-def _run_target(target: str, config: Path | None, sets: list[str] | None, json_path: Path | None, debug: bool) -> None:
+def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, json_path: Path | None, debug: bool) -> None:
     def body() -> dict:
         cfg = _before_flows(config, sets, debug)
         from flows.pipeline import FLOWS
@@ -344,7 +346,7 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None, flat: Annotated[b
 def config_validate(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Check a config file; exits non-zero with one line naming the bad key."""
     _guard(debug, lambda: _load(config, set_))
-    out.print(f"ok: {config or 'defaults'} is a valid vitdistill config")
+    out.print(f"ok: {' + '.join(map(str, config)) if config else 'defaults'} is a valid vitdistill config")
 
 
 # --------------------------------------------------------------------------- data and registries

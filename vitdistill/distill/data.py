@@ -61,7 +61,7 @@ class OnlineRender:
     """``make_batch`` of online mode: each image's view of this epoch, rendered for the student and for
     the teacher (at its own side); the teacher runs in the training process."""
 
-    def __init__(self, student: InputSpec, teacher: InputSpec, view_params: tuple, seed: int, on_error: str,
+    def __init__(self, student: InputSpec, teacher: InputSpec | None, view_params: tuple, seed: int, on_error: str,
                  labels: LabelSubset) -> None:
         self.student, self.teacher, self.view_params, self.seed, self.on_error = student, teacher, view_params, seed, on_error
         self.labels = labels
@@ -86,7 +86,8 @@ class OnlineRender:
                 mix = (p_img, self.view(it.partner_key, p_img, epoch), it.lam, self.labels(it.partner_key, p.label))
             rows.add(img, self.view(it.key, img, epoch), self.labels(it.key, s.label), mix)
         out = rows.batch(self.student)
-        out["teacher_input"] = rows.inputs(self.teacher)
+        if self.teacher is not None:  # None: no loss term reads the teacher (a labels-only run)
+            out["teacher_input"] = rows.inputs(self.teacher)
         return out
 
 
@@ -233,9 +234,9 @@ class StreamBatches:
 
     @classmethod
     def online(cls, inputs: InputSet, index: ShardIndex, rule: SplitRule, d, on_error: str, student: InputSpec,
-               teacher: Teacher, teacher_input: InputSpec, rank: int = 0, world: int = 1) -> StreamBatches:
-        """``d``: the DistillConfig."""
-        render = OnlineRender(student, teacher_input, (d.crop_scale, d.crop_ratio, d.hflip), d.seed, on_error,
+               teacher: Teacher | None, teacher_input: InputSpec, rank: int = 0, world: int = 1) -> StreamBatches:
+        """``d``: the DistillConfig; ``teacher`` None when no loss term reads it."""
+        render = OnlineRender(student, teacher_input if teacher is not None else None, (d.crop_scale, d.crop_ratio, d.hflip), d.seed, on_error,
                               LabelSubset(d.label_fraction, d.seed))
         stream = ShardStream(inputs.shards, index.split_counts("train"), rule, "train", d.batch_size // world, render,
                              seed=d.seed, on_error=on_error, shuffle_buffer=d.shuffle_buffer, rank=rank, world=world,

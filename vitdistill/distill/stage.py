@@ -111,20 +111,17 @@ def student_spec(student: Student) -> InputSpec:
 
 
 def teacher_probe_top1(cfg: VitdistillConfig, inputs: InputSet) -> float | None:
-    """Linear-probe top-1 of the teacher's embeddings from the extract stage's feature cache, if built."""
+    """The teacher probe's test top-1 (the probe stage's saved probe) when the extract stage built the cache."""
     from vitdistill.cache.reader import FeatureCache
     from vitdistill.extract import plan_extraction
-    from vitdistill.probes.linear import linear_probe
+    from vitdistill.probes.teacher import teacher_probe
 
     plan = plan_extraction(cfg, inputs)
     if not fs.exists(plan.manifest_url):
         return None
-    fc = FeatureCache.open(plan.cache_dir)
-    splits = [fc.load(split=s) for s in ("train", "val", "test")]
-    if any(s["cls"] is None for s in splits):
+    if FeatureCache.open(plan.cache_dir).load("train")["cls"] is None:
         return None
-    args = [a for s in splits for a in (s["emb"], s["cls"])]
-    return linear_probe(*args, normalize=cfg.probe.normalize, num_classes=len(fc.classes) if fc.classes else None).top1
+    return float(teacher_probe(plan.cache_dir, cfg.probe)[1]["top1"])
 
 
 def probe_head_wanted(d, has_labels: bool) -> bool:
@@ -261,7 +258,8 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
         num_train = train_index.total("train")
         view_cache_dir = None
         t0 = time.perf_counter()
-        if d.mode == "cached":
+        needs_teacher = d.alpha < 1.0 and any(w > 0 for w in d.losses.values())
+        if d.mode == "cached" and needs_teacher:
             if rank == 0:
                 plan, manifest = build_view_cache(tcfg_data, train_inputs, progress=progress)
             barrier()
@@ -273,8 +271,8 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
             data = StreamBatches.cached(train_inputs, plan.cache_dir, manifest, train_rule, d, on_error, sspec,
                                         rank=rank, world=world_size)
         else:
-            data = StreamBatches.online(train_inputs, train_index, train_rule, d, on_error, sspec, teacher, tspec,
-                                        rank=rank, world=world_size)
+            data = StreamBatches.online(train_inputs, train_index, train_rule, d, on_error, sspec,
+                                        teacher if needs_teacher else None, tspec, rank=rank, world=world_size)
         cache_seconds = time.perf_counter() - t0
         ckpt_dir = run_dir(tcfg_data, teacher, train_inputs, world_size)
         tcfg = TrainerConfig(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, warmup_fraction=d.warmup_fraction,

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitdistill.cache.reader import FeatureCache
 from vitdistill.config import VitdistillConfig
 from vitdistill.data.ingest import resolve_inputs
 from vitdistill.data.shards import SplitRule, iter_samples
@@ -26,24 +25,13 @@ from vitdistill.models.teachers import Teacher, create_teacher
 
 
 class TeacherProbe:
-    """Teacher embedding -> multinomial logistic regression on the cached features, with the probe
-    stage's protocol: the inverse penalty ``C`` chosen on val, then refitted on train+val."""
+    """Teacher embedding -> the run's one teacher probe (the probe stage's saved linear probe on the cached
+    features, :mod:`vitdistill.probes.teacher`), so the report's teacher is the probe stage's teacher."""
 
-    C_GRID = (0.1, 1.0, 10.0, 100.0)
+    def __init__(self, teacher: Teacher, cache_dir: str, probe_cfg) -> None:
+        from vitdistill.probes.teacher import teacher_probe
 
-    def __init__(self, teacher: Teacher, cache_dir: str, num_classes: int) -> None:
-        from sklearn.linear_model import LogisticRegression
-
-        fc = FeatureCache.open(cache_dir)
-        tr, va = fc.load("train"), fc.load("val")
-        xtr, xva = _l2(tr["emb"]), _l2(va["emb"])
-        self.chosen_c = max(self.C_GRID, key=lambda c: LogisticRegression(C=c, max_iter=1000).fit(xtr, tr["cls"])
-                            .score(xva, va["cls"]))
-        clf = LogisticRegression(C=self.chosen_c, max_iter=1000).fit(np.concatenate([xtr, xva]),
-                                                                     np.concatenate([tr["cls"], va["cls"]]))
-        self.w = np.zeros((num_classes, xtr.shape[1]), dtype=np.float32)
-        self.b = np.full(num_classes, -1e4, dtype=np.float32)  # classes absent from train never win
-        self.w[clf.classes_], self.b[clf.classes_] = clf.coef_, clf.intercept_
+        self.classifier, self.summary = teacher_probe(cache_dir, probe_cfg)
         self.teacher, self.pil = teacher, teacher.pil_transform()
 
     def predict(self, images: np.ndarray) -> np.ndarray:  # (N, H, W, 3) uint8 -> (N, C)
@@ -51,7 +39,7 @@ class TeacherProbe:
         for i in range(0, len(images), 64):
             px = np.stack([np.asarray(self.pil(Image.fromarray(im))) for im in images[i:i + 64]])
             emb, _ = self.teacher(self.teacher.normalize_uint8(torch.from_numpy(px)))
-            out.append(_l2(emb.cpu().numpy()) @ self.w.T + self.b)
+            out.append(self.classifier.logits(emb.float().cpu().numpy()).astype(np.float32))
         return np.concatenate(out)
 
 
@@ -71,10 +59,6 @@ class StudentClassifier:
             x = F.interpolate(x, size=(m.img_size, m.img_size), mode="bilinear", antialias=True, align_corners=False)
             out.append(m((x - mean) / std)["logits"].float().numpy())
         return np.concatenate(out)
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass
@@ -144,9 +128,7 @@ class EvaluateReport:
 
 def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module | None = None) -> EvaluateReport:
     data = load_test_images(cfg)
-    fc = FeatureCache.open(cache_dir)
-    num_classes = len(fc.classes) if fc.classes else int(data.labels.max()) + 1
-    models: dict[str, Any] = {"teacher": TeacherProbe(create_teacher(cfg.teacher), cache_dir, num_classes)}
+    models: dict[str, Any] = {"teacher": TeacherProbe(create_teacher(cfg.teacher), cache_dir, cfg.probe)}
     if student is not None:
         models["student"] = StudentClassifier(student)
     shapes = cfg.data.source == "shapes"

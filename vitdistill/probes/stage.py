@@ -16,10 +16,9 @@ import numpy as np
 
 from vitdistill.cache.reader import FeatureCache
 from vitdistill.config import ProbeConfig
-from vitdistill.errors import DataError
 from vitdistill.probes.fewshot import fewshot_probe
 from vitdistill.probes.knn import knn_probe
-from vitdistill.probes.linear import linear_probe
+from vitdistill.probes.teacher import fit_teacher_probe, labelled_split
 from vitdistill.probes.plots import confusion_figure, per_class_table
 
 
@@ -43,21 +42,15 @@ class ProbeReport:
         return asdict(self)
 
 
-def _split(fc: FeatureCache, name: str) -> tuple[np.ndarray, np.ndarray]:
-    d = fc.load(split=name)
-    if d["cls"] is None:
-        raise DataError(f"{fc.cache_dir}: split {name!r} has samples without a 'cls' label; probes need class labels")
-    return d["emb"], d["cls"]
-
-
 def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
+    """Every probe; the linear one is saved as the run's teacher probe (:mod:`vitdistill.probes.teacher`)."""
     fc = FeatureCache.open(cache_dir)
-    (xtr, ytr), (xva, yva), (xte, yte) = (_split(fc, s) for s in ("train", "val", "test"))
+    splits = [labelled_split(fc, s) for s in ("train", "val", "test")]
+    (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)
     classes = fc.classes or [str(c) for c in range(int(max(ytr.max(), yva.max())) + 1)]
-    grid = tuple(cfg.l2_grid) if cfg.l2_grid else None
 
-    lin = linear_probe(xtr, ytr, xva, yva, xte, yte, l2_grid=grid, normalize=cfg.normalize, num_classes=len(classes))
+    lin = fit_teacher_probe(fc, cfg, splits)
     few = fewshot_probe(xtr, ytr, xva, yva, xte, yte, shots=tuple(cfg.fewshot_shots), seeds=tuple(cfg.fewshot_seeds),
                         normalize=cfg.normalize, num_classes=len(classes))
     knn = knn_probe(xtr, ytr, xte, yte, ks=tuple(cfg.knn_k), temperature=cfg.knn_temperature, num_classes=len(classes))
