@@ -138,3 +138,14 @@ def test_one_teacher_probe_for_the_probe_stage_distillation_and_evaluation(make_
     top1 = float((tp.classifier.logits(test["emb"]).argmax(1) == test["cls"]).mean())
     assert top1 == probed == tp.summary["top1"]  # evaluation's teacher is the same model
     assert math.isfinite(top1)
+
+
+def test_data_efficiency_rows_train_labels_only_at_each_fraction(make_cfg):
+    cfg = make_cfg("data.limit=200", "distill.mode=online", "distill.epochs=1", "distill.batch_size=16",
+                   "distill.alpha=0", "distill.losses={kd: 1}", "distill.data_efficiency=[0.25, 1.0]")
+    report = run_distill(cfg, progress=False)
+    rows = report.tables["data_efficiency"]
+    assert [r["label_fraction"] for r in rows] == [0.25, 1.0]
+    assert all(0.0 <= r["labels_only_top1"] <= 1.0 and 0.0 <= r["distilled_top1"] <= 1.0 for r in rows)
+    assert rows[-1]["distilled_top1"] == report.metrics["student_top1"]  # the full-label row is this run's student
+    assert rows[0]["train_labels"] < rows[1]["train_labels"]

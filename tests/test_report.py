@@ -59,7 +59,8 @@ def _log_pipeline(tracker: Tracker, stages: dict[str, dict], finish_parent: bool
     for name, logged in stages.items():
         child = tracker.start_run(name, parent_run_id=parent, tags={"vitdistill.stage": name})
         tracker.log_report(child, params={}, metrics=logged["metrics"], history=logged.get("history", ()),
-                           figures=logged.get("figures"), tables=logged.get("tables"))
+                           figures=logged.get("figures"), tables=logged.get("tables"),
+                           table_prefix=logged.get("table_prefix", ""))
         tracker.end_run(child)
         children[name] = child
     if finish_parent:
@@ -83,7 +84,12 @@ def evaluated(tmp_path_factory):
     history = [{"epoch": e, "train_loss": 2.0 / e, "val_top1": 0.5 + 0.1 * e} for e in (1, 2, 3)]
     parent, children = _log_pipeline(tracker, {
         "extract": {"metrics": {"samples": 240.0, "images_per_s": 100.0}},
-        "distill": {"metrics": {"student_top1": 0.5, "teacher_top1": 0.9}, "history": history},
+        "distill": {"metrics": {"student_top1": 0.5, "teacher_top1": 0.9}, "history": history,
+                    "table_prefix": "distill_", "tables": {"data_efficiency": [  # as the distill stage logs it
+                        {"label_fraction": 0.1, "labels_only_top1": 0.31, "distilled_top1": 0.62, "teacher_top1": 0.9,
+                         "train_labels": 17},
+                        {"label_fraction": 1.0, "labels_only_top1": 0.55, "distilled_top1": 0.71, "teacher_top1": 0.9,
+                         "train_labels": 168}]}},
         "evaluate": {"metrics": report.metrics, "figures": report.figures, "tables": report.tables},
     })
     return {"tmp": tmp, "cfg": cfg, "tracker": tracker, "parent": parent, "children": children,
@@ -113,6 +119,7 @@ def test_report_reads_the_run_back_and_compares_every_evaluation(evaluated):
     # curves) plus the stages' own figures, all inlined: the page stands alone
     assert page.count("data:image/png;base64,") >= 7 and "<img alt=\"distill curves\"" in page
     assert "<img alt=\"calibration\"" in page  # the teacher/student reliability overlay
+    assert "<h2>Data efficiency</h2>" in page and "<img alt=\"data efficiency\"" in page and "0.62" in page
     summary = json.loads(open(f"{tmp}/reports/{parent}/report.json").read())
     assert summary["run_id"] == parent and len(summary["rows"]) == len(result.rows)
 

@@ -215,6 +215,11 @@ class DistillConfig(Section):
         1.0, ge=0.0, le=1.0, description="share of training labels used (a fixed subset by key hash), for "
         "semi-supervised runs and the data-efficiency comparison; the rest train from the teacher alone",
     )
+    data_efficiency: list[float] = Field(
+        default_factory=list, description="label fractions (e.g. [0.1, 1.0]) at which the stage also trains the "
+        "labels-only student and scores the distilled one (its probe head refitted, else retrained), at the same "
+        "budget: the report's data-efficiency figure (each fraction costs up to two more trainings)",
+    )
     head: Literal["auto", "trained", "probe"] = Field(
         "auto", description="task head: trained with the labels, or a linear probe fitted on the student's own "
         "features after distillation; auto = probe when the training loss saw no label (alpha 0, no labels)",
@@ -244,6 +249,8 @@ class DistillConfig(Section):
             raise ValueError("distill.crop_ratio must be two aspect ratios 0 < lo <= hi")
         if any(w < 0 for w in self.losses.values()):
             raise ValueError("distill.losses weights must be >= 0")
+        if any(not 0.0 < f <= 1.0 for f in self.data_efficiency):
+            raise ValueError("distill.data_efficiency must be label fractions in (0, 1]")
         return self
 
 

@@ -45,7 +45,7 @@ from vitdistill.distill.students import ProbeHead, Student, create_student
 from vitdistill.distill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
 from vitdistill.distill.viewcache import build_view_cache, plan_view_cache, teacher_spec
 from vitdistill.distill.views import InputSpec
-from vitdistill.errors import ConfigError
+from vitdistill.errors import ConfigError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher, resolve_device
 
 
@@ -112,16 +112,16 @@ def student_spec(student: Student) -> InputSpec:
 
 def teacher_probe_top1(cfg: VitdistillConfig, inputs: InputSet) -> float | None:
     """The teacher probe's test top-1 (the probe stage's saved probe) when the extract stage built the cache."""
-    from vitdistill.cache.reader import FeatureCache
     from vitdistill.extract import plan_extraction
     from vitdistill.probes.teacher import teacher_probe
 
     plan = plan_extraction(cfg, inputs)
     if not fs.exists(plan.manifest_url):
         return None
-    if FeatureCache.open(plan.cache_dir).load("train")["cls"] is None:
+    try:
+        return float(teacher_probe(plan.cache_dir, cfg.probe)[1]["top1"])
+    except DataError:  # a cache without labels has no teacher probe
         return None
-    return float(teacher_probe(plan.cache_dir, cfg.probe)[1]["top1"])
 
 
 def probe_head_wanted(d, has_labels: bool) -> bool:
@@ -197,6 +197,32 @@ def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, 
     metrics["student_gflops"] = gflops(student, sspec.size)
     metrics["teacher_gflops"] = gflops(teacher.model, tspec.size)
     return metrics
+
+
+def data_efficiency(cfg: VitdistillConfig, student: Student, teacher: Teacher, inputs: InputSet, index: ShardIndex,
+                    metrics: dict[str, float], progress: bool) -> list[dict[str, Any]]:
+    """Test top-1 against the share of training labels, at this run's budget: the labels-only student
+    trained on each share, and the distilled one (a probe head refitted on the share, no retraining;
+    a trained head retrains with ``distill.label_fraction``)."""
+    import copy
+
+    d = cfg.distill
+    rows = []
+    for f in sorted(set(d.data_efficiency)):
+        def variant(**update) -> VitdistillConfig:
+            return cfg.model_copy(update={"distill": d.model_copy(update={"data_efficiency": [], "label_fraction": f,
+                                                                           **update})})
+        labels_only = run_distill(variant(alpha=1.0, losses={}, head="trained", data=None), progress=progress)
+        if probe_head_wanted(d, index.has_labels):
+            distilled = evaluate_distill(variant(), copy.deepcopy(student), teacher, inputs, index)
+        elif f == d.label_fraction:
+            distilled = metrics
+        else:
+            distilled = run_distill(variant(), progress=progress).metrics
+        rows.append({"label_fraction": f, "labels_only_top1": labels_only.metrics.get("student_top1"),
+                     "distilled_top1": distilled.get("student_top1"), "teacher_top1": metrics.get("teacher_top1"),
+                     "train_labels": round(f * index.total("train"))})
+    return rows
 
 
 def training_set(cfg: VitdistillConfig, inputs: InputSet, index: ShardIndex, progress: bool
@@ -283,13 +309,17 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
         student.to("cpu").eval()
         metrics = evaluate_distill(cfg, student, teacher, inputs, index)
         metrics.update(train_metrics(result, num_train, cache_seconds))
+        tables: dict[str, list[dict[str, Any]]] = {"history": result.history}
+        figures = {"loss_curves.png": loss_curves_figure(result.history, f"{cfg.student.name} from {teacher.name} "
+                                                         f"({d.mode})")}
+        if d.data_efficiency and world_size == 1:
+            tables["data_efficiency"] = data_efficiency(cfg, student, teacher, inputs, index, metrics, progress)
         return DistillReport(
             metrics=metrics,
             history=result.history,
             model=student,
-            figures={"loss_curves.png": loss_curves_figure(result.history, f"{cfg.student.name} from {teacher.name} "
-                                                           f"({d.mode})")},
-            tables={"history": result.history},
+            figures=figures,
+            tables=tables,
             headline=headline(metrics),
             checkpoint_dir=ckpt_dir,
             view_cache_dir=view_cache_dir,

@@ -56,6 +56,9 @@ def draw_figures(run: PipelineRun, rows: list[Row]) -> dict[str, Any]:
         "subgroup": plots.subgroup_figure(ev.metrics),
         "shape_bias": plots.shape_bias_figure(ev.metrics),
     }
+    distill = run.stages.get("distill")
+    if distill is not None and "distill_data_efficiency" in distill.tables:
+        figures["data_efficiency"] = plots.data_efficiency_figure(distill.tables["distill_data_efficiency"])
     for name, stage in run.stages.items():
         figures[f"curves/{name}"] = plots.curves_figure(name, stage.curves)
     return figures

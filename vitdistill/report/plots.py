@@ -173,3 +173,25 @@ def curves_figure(stage: str, curves: dict[str, list[tuple[int, float]]]) -> Fig
     fig.suptitle(f"{stage}: per-epoch curves", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def data_efficiency_figure(rows: list[dict]) -> Figure | None:
+    """Student test top-1 against the share of training labels: distilled vs labels only, teacher dashed."""
+    rows = [r for r in rows if r.get("labels_only_top1") is not None and r.get("distilled_top1") is not None]
+    if not rows:
+        return None
+    fig = _figure(5.0, 3.2)
+    ax = fig.add_subplot()
+    x = [100 * r["label_fraction"] for r in rows]
+    ax.plot(x, [r["distilled_top1"] for r in rows], "o-", color=COLOURS["student"], label="distilled student")
+    ax.plot(x, [r["labels_only_top1"] for r in rows], "s--", color="tab:gray", label="labels only")
+    teacher = rows[0].get("teacher_top1")
+    if teacher is not None:
+        ax.axhline(teacher, color=COLOURS["teacher"], linestyle=":", label="teacher probe")
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}%" for v in x])
+    ax.set(xlabel="training labels used", ylabel="test top-1", title="data efficiency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -167,6 +167,15 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, bytes]) ->
         rest = [r for r in ev_rows if r not in main]
         if rest:
             parts.append(f"<details><summary>all {len(rest)} per-severity numbers</summary>{_comparison_table(rest)}</details>")
+    if figures.get("data_efficiency"):
+        rows_de = run.stages["distill"].tables.get("distill_data_efficiency", [])
+        parts.append("<h2>Data efficiency</h2><p>Student test top-1 with a share of the training labels, at the "
+                     "same training budget: the labels-only student trained on that share, and the distilled student "
+                     "(its probe head fitted on that share).</p>")
+        parts.append(_img(figures["data_efficiency"], "data efficiency"))
+        parts.append(_table(["labels", "train labels", "labels only", "distilled", "teacher probe"],
+                            [[f"{100 * r['label_fraction']:g}%", fmt(r.get("train_labels")), fmt(r.get("labels_only_top1")),
+                              fmt(r.get("distilled_top1")), fmt(r.get("teacher_top1"))] for r in rows_de]))
     parts.append("<h2>The other stages</h2>")
     for name, s in run.stages.items():
         if name == "evaluate":
