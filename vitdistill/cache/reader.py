@@ -108,23 +108,54 @@ class FeatureCache:
                 raise CacheError(f"{where}: json field is not valid JSON") from None
         return out
 
+    def split_size(self, split: str | None) -> int | None:
+        """Samples in ``split`` per the manifest (None when it does not say)."""
+        if split is None:
+            return self.num_samples
+        return (self.manifest.get("split") or {}).get("counts", {}).get(split)
+
     def load(self, split: str | None = None) -> dict[str, Any]:
         """Materialise a split as arrays: emb (N, D) float32; logits (N, C); cls (N,) int64 or None;
-        txt list or None; key list; split list; meta list or None."""
-        rows = list(self.iter_samples(split))
-        if not rows:
+        txt list or None; key list; split list; meta list or None. The arrays are filled in place as the
+        shards stream by (sized from the manifest's split counts), so the peak is the arrays themselves."""
+        n = self.split_size(split)
+        arrays: dict[str, np.ndarray] = {}
+        lists: dict[str, list] = {"key": [], "split": [], "txt": [], "meta": []}
+        cls: list[int] = []
+        has = {"cls": True, "txt": True, "meta": False}
+        filled: dict[str, int] = {}
+        i = 0
+        for r in self.iter_samples(split):
+            for name in ("emb", "logits", "logits_topk", "logits_idx"):
+                if name not in r:
+                    continue
+                if filled.setdefault(name, 0) != i:  # an earlier sample lacked it: this array is never complete
+                    continue
+                filled[name] += 1
+                if name not in arrays:
+                    shape = (n if n is not None else 1024, *r[name].shape)
+                    arrays[name] = np.empty(shape, np.float32 if name == "emb" else r[name].dtype)
+                if i >= len(arrays[name]):  # the manifest gave no count: grow geometrically
+                    arrays[name] = np.concatenate([arrays[name], np.empty_like(arrays[name])])
+                arrays[name][i] = r[name]
+            lists["key"].append(r["key"])
+            lists["split"].append(r["split"])
+            has["cls"] &= "cls" in r
+            has["txt"] &= "txt" in r
+            has["meta"] |= "meta" in r
+            cls.append(r.get("cls", -1))
+            lists["txt"].append(r.get("txt"))
+            lists["meta"].append(r.get("meta"))
+            i += 1
+        if i == 0:
             where = f"split {split!r}" if split else "the cache"
             raise DataError(f"{self.cache_dir}: {where} has no samples")
-        out: dict[str, Any] = {
-            "key": [r["key"] for r in rows],
-            "split": [r["split"] for r in rows],
-            "emb": np.stack([r["emb"] for r in rows]).astype(np.float32),
-        }
-        for name in ("logits", "logits_topk", "logits_idx"):
-            out[name] = np.stack([r[name] for r in rows]) if all(name in r for r in rows) else None
-        out["cls"] = np.array([r["cls"] for r in rows], dtype=np.int64) if all("cls" in r for r in rows) else None
-        out["txt"] = [r["txt"] for r in rows] if all("txt" in r for r in rows) else None
-        out["meta"] = [r.get("meta") for r in rows] if any("meta" in r for r in rows) else None
+        out: dict[str, Any] = {"key": lists["key"], "split": lists["split"]}
+        for name in ("emb", "logits", "logits_topk", "logits_idx"):
+            out[name] = arrays[name][:i] if filled.get(name) == i else None
+        out["cls"] = np.array(cls, dtype=np.int64) if has["cls"] else None
+        out["txt"] = lists["txt"] if has["txt"] else None
+        out["meta"] = lists["meta"] if has["meta"] else None
         return out
 
     def verify(self) -> None:
