@@ -418,3 +418,20 @@ def test_keys_with_dots_are_refused_by_the_writer(tmp_path):
     with pytest.raises(DataError, match="'img.0' contains a dot"):
         w.write("img.0", {"cls": b"1"})
     w.close()
+
+
+def test_teacher_layers_are_cached_per_sample_and_address_the_cache(make_cfg):
+    from vitdistill.cache.tario import iter_tar_samples, load_npy
+
+    plain, _, _ = run_extract(make_cfg("data.limit=40"))
+    plan, manifest, fc = run_extract(make_cfg("data.limit=40", "teacher.layers=[-3,-1]"))
+    assert plan.cache_dir != plain.cache_dir
+    assert manifest["teacher"]["layers"] == {"blocks": [-3, -1], "dims": [128, 128]}  # test_vit: CLS + patch mean
+    rows = []
+    for url in fc.shard_urls():
+        with open(url, "rb") as f:
+            rows += [load_npy(fields["layers.npy"], key) for key, fields in iter_tar_samples(f, url)]
+    assert len(rows) == 40 and all(r.shape == (256,) and r.dtype == np.float16 for r in rows)
+    assert fc.load()["emb"].shape == (40, 64)  # the embedding is unchanged
+    other, _, _ = run_extract(make_cfg("data.limit=40", "teacher.layers=2"))
+    assert other.cache_dir not in (plan.cache_dir, plain.cache_dir)

@@ -5,6 +5,12 @@
 
 Splits come from the cache (recorded per sample at extraction); hyper-parameters are chosen on
 val; test is read once per probe.
+
+A cache extracted with ``teacher.layers`` also gets a linear probe per block and one on all blocks
+side by side (each block L2-normalised first when ``normalize``): metrics ``layer{b}_linear_top1``
+(``b`` the block index as configured, e.g. ``layer-2_linear_top1``), ``layers_concat_linear_top1``,
+and ``best_layer`` / ``best_layer_linear_top1``, the block with the best *val* top-1 (test never
+chooses), plus the table ``layers``.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from vitdistill.cache import fs
 from vitdistill.cache.reader import FeatureCache
+from vitdistill.cache.tario import iter_tar_samples, load_npy
 from vitdistill.config import ProbeConfig
-from vitdistill.errors import DataError
+from vitdistill.errors import CacheError, DataError
 from vitdistill.probes.fewshot import fewshot_probe
+from vitdistill.probes.inputs import l2_normalize
 from vitdistill.probes.knn import knn_probe
 from vitdistill.probes.linear import linear_probe
 from vitdistill.probes.plots import confusion_figure, per_class_table
@@ -43,16 +52,70 @@ class ProbeReport:
         return asdict(self)
 
 
-def _split(fc: FeatureCache, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _split(fc: FeatureCache, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     d = fc.load(split=name)
     if d["cls"] is None:
         raise DataError(f"{fc.cache_dir}: split {name!r} has samples without a 'cls' label; probes need class labels")
-    return d["emb"], d["cls"]
+    return d["emb"], d["cls"], d["key"]
+
+
+def load_layers(fc: FeatureCache, keys: list[str]) -> np.ndarray:
+    """The ``layers.npy`` rows of ``keys``, in that order: (N, sum of D_l) float32.
+
+    (``FeatureCache`` does not decode this field yet; once it does, ``fc.load(split)["layers"]`` replaces this.)
+    """
+    wanted, rows = set(keys), {}
+    width = sum(fc.manifest["teacher"]["layers"]["dims"])
+    for url in fc.shard_urls():
+        with fs.open_read(url) as f:
+            for key, fields in iter_tar_samples(f, url):
+                if key in wanted:
+                    if "layers.npy" not in fields:
+                        raise CacheError(f"{url}: sample {key!r} has no layers.npy, but the manifest lists teacher layers")
+                    rows[key] = load_npy(fields["layers.npy"], f"{url}: sample {key!r}")
+                    if rows[key].shape != (width,):
+                        raise CacheError(f"{url}: sample {key!r}: layers.npy has shape {rows[key].shape}, expected ({width},)")
+    return np.stack([rows[k] for k in keys]).astype(np.float32)
+
+
+def probe_layers(fc: FeatureCache, keys: dict[str, list[str]], labels: dict[str, np.ndarray], cfg: ProbeConfig,
+                 num_classes: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A linear probe per cached block and on their concatenation; the best block chosen on val."""
+    spec = fc.manifest["teacher"]["layers"]
+    splits = ("train", "val", "test")
+    every = load_layers(fc, [k for s in splits for k in keys[s]])  # (N, sum D_l), one pass over the shards
+    ends = np.cumsum([len(keys[s]) for s in splits])
+    feats = dict(zip(splits, np.split(every, ends[:-1])))
+    offsets = np.cumsum([0, *spec["dims"]])
+    grid = tuple(cfg.l2_grid) if cfg.l2_grid else None
+
+    def probe(cols: list[slice]):
+        xs = [np.concatenate([l2_normalize(feats[s][:, c]) if cfg.normalize else feats[s][:, c] for c in cols], axis=1)
+              for s in splits]
+        return linear_probe(xs[0], labels["train"], xs[1], labels["val"], xs[2], labels["test"], l2_grid=grid,
+                            normalize=cfg.normalize, num_classes=num_classes)
+
+    metrics: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+    for block, dim, cols in zip(spec["blocks"], spec["dims"], slices):
+        r = probe([cols])
+        metrics[f"layer{block}_linear_top1"] = r.top1
+        rows.append({"layer": str(block), "dim": dim, "val_top1": round(max(r.val_top1_by_l2.values()), 4),
+                     "test_top1": round(r.top1, 4), "chosen_l2": r.chosen_l2})
+    best = max(range(len(rows)), key=lambda i: rows[i]["val_top1"])
+    r = probe(slices)
+    metrics["layers_concat_linear_top1"] = r.top1
+    rows.append({"layer": "concat", "dim": int(offsets[-1]), "val_top1": round(max(r.val_top1_by_l2.values()), 4),
+                 "test_top1": round(r.top1, 4), "chosen_l2": r.chosen_l2})
+    metrics["best_layer"] = float(spec["blocks"][best])
+    metrics["best_layer_linear_top1"] = metrics[f"layer{spec['blocks'][best]}_linear_top1"]
+    return metrics, rows
 
 
 def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     fc = FeatureCache.open(cache_dir)
-    (xtr, ytr), (xva, yva), (xte, yte) = (_split(fc, s) for s in ("train", "val", "test"))
+    (xtr, ytr, ktr), (xva, yva, kva), (xte, yte, kte) = (_split(fc, s) for s in ("train", "val", "test"))
     # without class names in the manifest, the class count comes from train and val only (never test)
     classes = fc.classes or [str(c) for c in range(int(max(ytr.max(), yva.max())) + 1)]
     grid = tuple(cfg.l2_grid) if cfg.l2_grid else None
@@ -77,5 +140,11 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     most_shots, first_k = max(few.mean_top1), cfg.knn_k[0]
     headline = (f"linear top-1 {lin.top1:.3f}, {most_shots}-shot {few.mean_top1[most_shots]:.3f}, "
                 f"kNN@{first_k} {knn.top1[first_k]:.3f}")
+    if "layers" in fc.manifest["teacher"]:
+        layer_metrics, tables["layers"] = probe_layers(fc, {"train": ktr, "val": kva, "test": kte},
+                                                       {"train": ytr, "val": yva, "test": yte}, cfg, len(classes))
+        metrics.update(layer_metrics)
+        headline += (f"; best layer {int(layer_metrics['best_layer'])} {layer_metrics['best_layer_linear_top1']:.3f}, "
+                     f"all layers {layer_metrics['layers_concat_linear_top1']:.3f}")
     return ProbeReport(metrics=metrics, tables=tables, confusion=lin.confusion.tolist(), classes=list(classes),
                        split_sizes=sizes, headline=headline)
