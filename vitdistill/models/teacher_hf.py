@@ -115,7 +115,7 @@ def processor_data_config(proc: Any) -> dict[str, Any]:
 
 @TEACHER_SOURCES.register("hf")
 def hf_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
-    """``hf:REPO``: a transformers vision backbone or the image tower of CLIP / SigLIP."""
+    """transformers vision backbone or CLIP/SigLIP image tower (hf:REPO); offline: teacher.checkpoint = its save_pretrained dir."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor
 

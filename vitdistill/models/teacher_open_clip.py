@@ -115,7 +115,7 @@ class OpenClipTeacher(Teacher):
 
 @TEACHER_SOURCES.register("open_clip")
 def open_clip_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
-    """``open_clip:MODEL/PRETRAINED``: the image tower of an open_clip model."""
+    """Image tower of open_clip:MODEL/PRETRAINED; offline: teacher.checkpoint = the model's checkpoint file."""
     clip = load_open_clip(model_id, cfg.checkpoint, cfg.pretrained, "teacher.checkpoint")
     visual = clip.visual
     return OpenClipTeacher(

@@ -315,7 +315,7 @@ def _hub_error(cfg: TeacherConfig, e: Exception, offline: str) -> ConfigError:
 
 @TEACHER_SOURCES.register("timm")
 def timm_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
-    """Any timm model name (``timm:resnet18`` or just ``resnet18``); ``teacher.checkpoint`` = weights file."""
+    """Any timm model (timm:resnet18 or just resnet18); offline: teacher.checkpoint = a .safetensors/.pth file."""
     import timm
 
     if not timm.is_model(model_id):
@@ -335,8 +335,9 @@ def timm_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
 
 @TEACHER_SOURCES.register("hf-hub")
 def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
-    """A timm model on the Hugging Face hub (``hf-hub:timm/vit_small_patch14_dinov2.lvd142m``): timm reads the
-    architecture from the repo's config.json. Offline, ``teacher.checkpoint`` is a local copy of that repo
+    """A timm model on the HF hub (hf-hub:timm/REPO); offline: teacher.checkpoint = a local copy of the repo.
+
+    timm reads the architecture from the repo's config.json. Offline, ``teacher.checkpoint`` is a local copy of that repo
     (a directory with config.json and model.safetensors, as timm's ``save_for_hf`` writes), or a weights
     file when the repo's config is in the local hub cache."""
     import timm
