@@ -209,6 +209,20 @@ def test_open_clip_teacher_matches_encode_image(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(t(x)[0], ref.eval().encode_image(x))
     assert t.num_features == 16 and t.num_classes == 0 and t.data_config["mean"] == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
+    # a local copy of an open_clip hub repo (open_clip_config.json + open_clip_model.safetensors) needs no checkpoint key
+    import json
+
+    from safetensors.torch import save_file
+
+    repo = tmp_path / "clip-repo"
+    repo.mkdir()
+    pp = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "squash"}
+    (repo / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": pp}))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(repo / "open_clip_model.safetensors"))
+    local = create_teacher(TeacherConfig(name=f"open_clip:local-dir:{repo}"))
+    torch.testing.assert_close(local(x)[0], t(x)[0])
+    assert local.data_config["crop_mode"] == "squash" and local.data_config["interpolation"] == "bilinear"
+    assert local.slug.startswith("open_clip-local-dir-")
 
 
 @pytest.mark.parametrize("name, needle", [

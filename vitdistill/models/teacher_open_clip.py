@@ -25,7 +25,8 @@ from torch import nn
 
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError, RegistryError
-from vitdistill.models.teachers import TEACHER_SOURCES, Teacher, load_state_dict_file, pool_block, state_dict_sha256
+from vitdistill.models.teachers import (TEACHER_SOURCES, Teacher, error_line, load_state_dict_file, pool_block,
+                                        state_dict_sha256)
 
 _CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}
 
@@ -60,7 +61,7 @@ def load_open_clip(spec: str, checkpoint: str | None, pretrained: bool, key: str
             model = open_clip.create_model(model_name, pretrained=tag if hub else None)
     except Exception as e:  # download failures come in many types
         raise ConfigError(
-            f"open_clip {spec!r}: could not be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+            f"open_clip {spec!r}: could not be loaded ({error_line(e)}); "
             f"offline, set {key} to a local checkpoint file of {model_name} (open_clip_model.safetensors from its "
             f"hub repo, or a torch.save'd state dict) or use open_clip:local-dir:DIR"
         ) from None

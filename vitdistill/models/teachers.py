@@ -305,12 +305,16 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters), for one-line errors."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:160] if msg else ''}"
+
+
 def _hub_error(cfg: TeacherConfig, e: Exception, offline: str) -> ConfigError:
     """One line: what failed, and what to set instead when there is no network."""
-    return ConfigError(
-        f"teacher {cfg.name!r}: pretrained weights could not be loaded from the hub ({type(e).__name__}: "
-        f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); offline, {offline}"
-    )
+    return ConfigError(f"teacher {cfg.name!r}: pretrained weights could not be loaded from the hub ({error_line(e)}); "
+                       f"offline, {offline}")
 
 
 @TEACHER_SOURCES.register("timm")
@@ -348,7 +352,7 @@ def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
             model = timm.create_model(f"local-dir:{cfg.checkpoint}", pretrained=cfg.pretrained)
         except Exception as e:  # missing config.json, weights that do not fit
             raise ConfigError(f"teacher.checkpoint {cfg.checkpoint!r}: not a timm model directory (config.json + "
-                              f"model.safetensors): {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+                              f"model.safetensors): {error_line(e)}") from None
         return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id), weights_loaded=True)
     try:
         model = timm.create_model(f"hf-hub:{model_id}", pretrained=cfg.pretrained and cfg.checkpoint is None)

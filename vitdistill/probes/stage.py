@@ -10,7 +10,7 @@ A cache extracted with ``teacher.layers`` also gets a linear probe per block and
 side by side (each block L2-normalised first when ``normalize``): metrics ``layer{b}_linear_top1``
 (``b`` the block index as configured, e.g. ``layer-2_linear_top1``), ``layers_concat_linear_top1``,
 and ``best_layer`` / ``best_layer_linear_top1``, the block with the best *val* top-1 (test never
-chooses), plus the table ``layers``.
+chooses; a tie goes to the deeper block), plus the table ``layers``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def probe_layers(fc: FeatureCache, keys: dict[str, list[str]], labels: dict[str,
         metrics[f"layer{block}_linear_top1"] = r.top1
         rows.append({"layer": str(block), "dim": dim, "val_top1": round(max(r.val_top1_by_l2.values()), 4),
                      "test_top1": round(r.top1, 4), "chosen_l2": r.chosen_l2})
-    best = max(range(len(rows)), key=lambda i: rows[i]["val_top1"])
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_top1"], i))  # a tie goes to the deeper block
     r = probe(slices)
     metrics["layers_concat_linear_top1"] = r.top1
     rows.append({"layer": "concat", "dim": int(offsets[-1]), "val_top1": round(max(r.val_top1_by_l2.values()), 4),
