@@ -287,15 +287,15 @@ def test_path_traversal_and_duplicate_keys_are_refused(make_cfg, tmp_path):
 
 
 def test_non_finite_features_fail_the_shard_and_publish_nothing(make_cfg, monkeypatch, tmp_path):
-    original = Teacher.__call__
+    original = Teacher.forward  # what the extraction calls: embedding, logits and layers in one pass
 
     def poisoned(self, x):
-        emb, logits = original(self, x)
-        emb = emb.clone()
-        emb[1, 0] = float("nan")
-        return emb, logits
+        out = original(self, x)
+        out.emb = out.emb.clone()
+        out.emb[1, 0] = float("nan")
+        return out
 
-    monkeypatch.setattr(Teacher, "__call__", poisoned)
+    monkeypatch.setattr(Teacher, "forward", poisoned)
     with pytest.raises(CacheError, match="non-finite embedding for key"):
         run_extract(make_cfg("data.limit=20"))
     cache = tmp_path / "cache" / "features"
@@ -304,15 +304,15 @@ def test_non_finite_features_fail_the_shard_and_publish_nothing(make_cfg, monkey
 
 
 def test_all_zero_embedding_fails(make_cfg, monkeypatch):
-    original = Teacher.__call__
+    original = Teacher.forward
 
     def zeroed(self, x):
-        emb, logits = original(self, x)
-        emb = emb.clone()
-        emb[0] = 0
-        return emb, logits
+        out = original(self, x)
+        out.emb = out.emb.clone()
+        out.emb[0] = 0
+        return out
 
-    monkeypatch.setattr(Teacher, "__call__", zeroed)
+    monkeypatch.setattr(Teacher, "forward", zeroed)
     with pytest.raises(CacheError, match="all-zero embedding"):
         run_extract(make_cfg("data.limit=10"))
 
