@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_probe_teachers.py
 	$(BIN)/python benchmarks/bench_lit.py
 	$(BIN)/python benchmarks/bench_distill.py
+	$(BIN)/python benchmarks/bench_teachers.py
 
 clean:
 	rm -rf $(VENV) vitdistill-cache mlflow.db mlruns

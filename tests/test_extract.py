@@ -287,15 +287,15 @@ def test_path_traversal_and_duplicate_keys_are_refused(make_cfg, tmp_path):
 
 
 def test_non_finite_features_fail_the_shard_and_publish_nothing(make_cfg, monkeypatch, tmp_path):
-    original = Teacher.__call__
+    original = Teacher.forward  # what the extraction calls: embedding, logits and layers in one pass
 
     def poisoned(self, x):
-        emb, logits = original(self, x)
-        emb = emb.clone()
-        emb[1, 0] = float("nan")
-        return emb, logits
+        out = original(self, x)
+        out.emb = out.emb.clone()
+        out.emb[1, 0] = float("nan")
+        return out
 
-    monkeypatch.setattr(Teacher, "__call__", poisoned)
+    monkeypatch.setattr(Teacher, "forward", poisoned)
     with pytest.raises(CacheError, match="non-finite embedding for key"):
         run_extract(make_cfg("data.limit=20"))
     cache = tmp_path / "cache" / "features"
@@ -304,15 +304,15 @@ def test_non_finite_features_fail_the_shard_and_publish_nothing(make_cfg, monkey
 
 
 def test_all_zero_embedding_fails(make_cfg, monkeypatch):
-    original = Teacher.__call__
+    original = Teacher.forward
 
     def zeroed(self, x):
-        emb, logits = original(self, x)
-        emb = emb.clone()
-        emb[0] = 0
-        return emb, logits
+        out = original(self, x)
+        out.emb = out.emb.clone()
+        out.emb[0] = 0
+        return out
 
-    monkeypatch.setattr(Teacher, "__call__", zeroed)
+    monkeypatch.setattr(Teacher, "forward", zeroed)
     with pytest.raises(CacheError, match="all-zero embedding"):
         run_extract(make_cfg("data.limit=10"))
 
@@ -418,3 +418,20 @@ def test_keys_with_dots_are_refused_by_the_writer(tmp_path):
     with pytest.raises(DataError, match="'img.0' contains a dot"):
         w.write("img.0", {"cls": b"1"})
     w.close()
+
+
+def test_teacher_layers_are_cached_per_sample_and_address_the_cache(make_cfg):
+    from vitdistill.cache.tario import iter_tar_samples, load_npy
+
+    plain, _, _ = run_extract(make_cfg("data.limit=40"))
+    plan, manifest, fc = run_extract(make_cfg("data.limit=40", "teacher.layers=[-3,-1]"))
+    assert plan.cache_dir != plain.cache_dir
+    assert manifest["teacher"]["layers"] == {"blocks": [-3, -1], "dims": [128, 128]}  # test_vit: CLS + patch mean
+    rows = []
+    for url in fc.shard_urls():
+        with open(url, "rb") as f:
+            rows += [load_npy(fields["layers.npy"], key) for key, fields in iter_tar_samples(f, url)]
+    assert len(rows) == 40 and all(r.shape == (256,) and r.dtype == np.float16 for r in rows)
+    assert fc.load()["emb"].shape == (40, 64)  # the embedding is unchanged
+    other, _, _ = run_extract(make_cfg("data.limit=40", "teacher.layers=2"))
+    assert other.cache_dir not in (plan.cache_dir, plain.cache_dir)

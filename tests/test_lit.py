@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from vitdistill.cache.tario import TarShardWriter, dump_npy
 from vitdistill.config import LitConfig, load_config
 from vitdistill.data.shapes import HELDOUT_COMBOS
-from vitdistill.errors import DataError, RegistryError
+from vitdistill.errors import ConfigError, DataError, RegistryError
 from vitdistill.lit import (
     LitModel,
     WordTokenizer,
@@ -44,9 +44,14 @@ def minilm():
     return create_text_tower("minilm")
 
 
-def build_tower(name: str, minilm_fixture=None):
+def build_tower(name: str, minilm_fixture=None, tmp_path=None):
     if name == "minilm":
         return minilm_fixture
+    if name == "open_clip":  # a tiny random open_clip model written by the test (no hub)
+        from tests.test_teachers import save_open_clip
+
+        model, path = save_open_clip(tmp_path)
+        return create_text_tower(f"open_clip:{model}/local", checkpoint=path)
     return create_text_tower(name, corpus=["a red circle", "a blue square"], width=32, layers=1, heads=2)
 
 
@@ -95,10 +100,12 @@ def shapes_cache(tmp_path_factory):
 
 
 def test_registries_list_and_name_valid_choices():
-    assert list_text_towers() == ["minilm", "scratch"]
+    assert list_text_towers() == ["minilm", "open_clip", "scratch"]
     assert list_lit_losses() == ["sigmoid", "softmax"]
-    with pytest.raises(RegistryError, match="valid text towers: minilm, scratch"):
+    with pytest.raises(RegistryError, match="valid text towers: minilm, open_clip, scratch"):
         create_text_tower("bert")
+    with pytest.raises(RegistryError, match="valid text towers"):
+        create_text_tower("openclip:ViT-B-32/openai")
     with pytest.raises(RegistryError, match="did you mean 'sigmoid'"):
         create_lit_loss("sigmoidd")
 
@@ -194,10 +201,10 @@ def test_word_tokenizer():
 
 
 @pytest.mark.parametrize("name", list_text_towers())
-def test_towers_give_normalised_embeddings_of_their_dim(name, minilm):
-    tower = build_tower(name, minilm)
+def test_towers_give_normalised_embeddings_of_their_dim(name, minilm, tmp_path):
+    tower = build_tower(name, minilm, tmp_path)
     emb = tower.encode(["a red circle", "a blue striped square", "the digit 3"])
-    assert emb.shape == (3, {"minilm": 384, "scratch": 32}[name])
+    assert emb.shape == (3, {"minilm": 384, "scratch": 32, "open_clip": 16}[name])
     assert torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
     model = LitModel(tower, image_dim=20, embed_dim=8)
     assert torch.allclose(model(["a red circle"]).norm(dim=1), torch.ones(1), atol=1e-5)
@@ -284,6 +291,27 @@ def test_end_to_end_scratch_on_generated_captions_is_deterministic(tmp_path):
     buf.seek(0)
     restored = torch.load(buf, weights_only=False)
     assert torch.allclose(restored(["a photo of a dog."]), a.model(["a photo of a dog."]))
+
+
+def test_open_clip_text_tower_is_encode_text_and_trains_in_lit(tmp_path):
+    import open_clip
+
+    from tests.test_teachers import save_open_clip
+
+    model, path = save_open_clip(tmp_path)
+    tower = create_text_tower(f"open_clip:{model}/local", checkpoint=path)
+    ref = open_clip.create_model(model)
+    ref.load_state_dict(torch.load(path, weights_only=True))
+    texts = ["a red circle", "a dog"]
+    assert tower.pretrained and torch.allclose(tower(texts), ref.eval().encode_text(open_clip.get_tokenizer(model)(texts)))
+    cache = write_fake_cache(tmp_path / "c", n=300, captions=lambda i, c: ["a cat", "a dog", "a fish"][c])
+    cfg = LitConfig(text_tower=f"open_clip:{model}/local", text_checkpoint=path, epochs=8)
+    report = run_lit(cache, cfg, progress=False)
+    assert report.metrics["zeroshot_top1"] > report.metrics["chance_top1"] + 0.3
+    assert report.headline.startswith(f"LiT open_clip:{model}/local (frozen)")
+    torch.save(report.model, io.BytesIO())  # what mlflow.pytorch.log_model pickles
+    with pytest.raises(ConfigError, match="lit.text_checkpoint"):
+        create_text_tower("open_clip:ViT-B-32/laion2b_s34b_b79k")
 
 
 def test_sigmoid_loss_trains_too(tmp_path):

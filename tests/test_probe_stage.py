@@ -85,3 +85,15 @@ def test_splits_used_by_the_probe_are_the_recorded_ones(make_cfg):
     tr, te = fc.load("train"), fc.load("test")
     assert not set(tr["key"]) & set(te["key"])
     assert np.isfinite(list(report.metrics.values())).all()
+
+
+def test_probe_per_layer_and_on_all_layers_picks_the_best_on_val(make_cfg):
+    cache = cache_of(make_cfg("data.limit=200", "teacher.layers=3"))
+    report = probe_cache(cache, FAST_PROBE)
+    m, rows = report.metrics, report.tables["layers"]
+    assert [r["layer"] for r in rows] == ["-3", "-2", "-1", "concat"] and rows[-1]["dim"] == 3 * 128
+    assert {f"layer{b}_linear_top1" for b in (-3, -2, -1)} <= set(m) and 0 <= m["layers_concat_linear_top1"] <= 1
+    best = max(reversed(rows[:-1]), key=lambda r: r["val_top1"])  # ties: the deeper block
+    assert m["best_layer"] == int(best["layer"])
+    assert m["best_layer_linear_top1"] == m[f"layer{best['layer']}_linear_top1"] == pytest.approx(best["test_top1"], abs=1e-4)
+    assert "best layer" in report.headline

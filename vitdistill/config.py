@@ -73,10 +73,19 @@ class DataConfig(Section):
 class TeacherConfig(Section):
     name: str = Field(
         "effnet_lite0_imagenet",
-        description="teacher registry entry or any timm model name (see `vitdistill list teachers`)",
+        description="teacher registry entry, any timm model name, or SOURCE:MODEL with SOURCE one of timm, hf-hub, "
+        "hf, open_clip (see `vitdistill list teachers` and the README's Teachers section)",
     )
     pretrained: bool = Field(True, description="load pretrained weights (packaged or from the hub)")
-    checkpoint: str | None = Field(None, description="local .safetensors/.pth weights, loaded with weights_only=True")
+    checkpoint: str | None = Field(
+        None, description="local weights for offline use: .safetensors/.pth (timm, open_clip; loaded weights-only) or "
+        "a save_pretrained / hub snapshot directory (hf:, hf-hub:)"
+    )
+    layers: int | list[int] | None = Field(
+        None, description="also cache intermediate features: N = the last N blocks (ViTs) or feature stages (CNNs), "
+        "or a list of block indices, negative from the end ([-4, -1]); each block gives class token + patch mean "
+        "(ViTs) or its pooled map (CNNs), stored as layers.npy and probed per layer"
+    )
     batch_size: int = Field(32, ge=1, description="images per teacher forward pass")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on GPU; CPU uses fp32")
@@ -85,6 +94,15 @@ class TeacherConfig(Section):
         None, ge=0, description="extraction: DataLoader processes decoding into pinned memory (default: 0 on CPU, "
         "where decoding between forward passes on all cores measured fastest; up to 8 on GPU)",
     )
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, v: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"teacher.layers={v}: give the number of last blocks (>= 1) or a list of block indices")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"teacher.layers={v}: expected a non-empty list of distinct block indices")
+        return v
 
 
 class CacheConfig(Section):
@@ -115,7 +133,12 @@ class LitConfig(Section):
     pretrained text tower is frozen, so its features are computed once per distinct text."""
 
     enabled: bool = True
-    text_tower: str = Field("minilm", description="text-tower registry entry (see vitdistill.lit.list_text_towers)")
+    text_tower: str = Field(
+        "minilm", description="text-tower registry entry, or open_clip:MODEL/PRETRAINED (see vitdistill.lit.list_text_towers)"
+    )
+    text_checkpoint: str | None = Field(
+        None, description="local weights of a pretrained text tower for offline use (open_clip: the model's checkpoint file)"
+    )
     freeze_text: bool = Field(
         True, description="keep a pretrained text tower frozen and train only its head (fast); false fine-tunes it"
     )

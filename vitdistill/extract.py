@@ -12,7 +12,9 @@ Three steps, each a plain function so that Prefect (or a plain loop) can drive t
 3. :func:`finalize_cache` writes ``manifest.json`` last.
 
 Sample layout: ``{key}.emb.npy`` (D,), ``{key}.logits.npy`` (C,) (or ``logits_topk.npy`` +
-``logits_idx.npy``), ``{key}.cls``, ``{key}.txt``, ``{key}.json`` (attributes), ``{key}.split.txt``.
+``logits_idx.npy``), ``{key}.cls``, ``{key}.txt``, ``{key}.json`` (attributes), ``{key}.split.txt``;
+with ``teacher.layers``, ``{key}.layers.npy`` (sum of D_l,): the chosen blocks' features side by side,
+their blocks and widths recorded in the manifest under ``teacher.layers``.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
     }
     digest = hashlib.sha256(json.dumps(address, sort_keys=True).encode()).hexdigest()
     return ExtractionPlan(
-        cache_dir=fs.join(cfg.cache.root, "features", f"{teacher.name}-{digest[:16]}"),
+        cache_dir=fs.join(cfg.cache.root, "features", f"{teacher.slug}-{digest[:16]}"),
         inputs=list(inputs.shards),
         classes=inputs.classes,
         teacher_cfg=cfg.teacher.model_dump(mode="json"),
@@ -195,8 +197,9 @@ def _worker_batches(shard: str, pil_transform, batch_size: int, on_error: str, s
             skipped.extend(end)
 
 
-def _check_features(emb: torch.Tensor, logits: torch.Tensor | None, keys: list[str], shard: str) -> None:
-    for name, t in (("embedding", emb), ("logits", logits)):
+def _check_features(emb: torch.Tensor, logits: torch.Tensor | None, keys: list[str], shard: str,
+                    layers: torch.Tensor | None = None) -> None:
+    for name, t in (("embedding", emb), ("logits", logits), ("layer features", layers)):
         if t is None:
             continue
         bad = ~torch.isfinite(t).all(dim=1)
@@ -254,9 +257,12 @@ class _PartWriter:
                 os.unlink(tmp)
 
 
-def _sample_fields(plan: ExtractionPlan, key: str, emb: np.ndarray, logits: np.ndarray | None, extra: dict) -> dict:
+def _sample_fields(plan: ExtractionPlan, key: str, emb: np.ndarray, logits: np.ndarray | None, extra: dict,
+                   layers: np.ndarray | None = None) -> dict:
     dtype = np.float16 if plan.dtype == "float16" else np.float32
     out = {"emb.npy": dump_npy(emb.astype(dtype))}
+    if layers is not None:
+        out["layers.npy"] = dump_npy(layers.astype(dtype))
     if logits is not None:
         if plan.logits_topk:
             idx = np.argsort(-logits)[: plan.logits_topk].astype(np.int32)
@@ -303,12 +309,15 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
         else:  # CPU: decode each batch on all cores between forward passes (measured fastest on CPU)
             batches = _batches(shard, transform, batch_size, plan.on_error, skipped, pool)
         for batch in batches:
-            emb, logits = teacher(teacher.normalize_uint8(batch.pixels))  # (B, D), (B, C) | None
-            _check_features(emb, logits, batch.keys, shard)
+            out = teacher.forward(teacher.normalize_uint8(batch.pixels))  # (B, D), (B, C) | None, (B, L) | None
+            emb, logits = out.emb, out.logits
+            _check_features(emb, logits, batch.keys, shard, out.layers)
             emb_np = emb.cpu().numpy()
             logits_np = logits.cpu().numpy() if logits is not None else None
+            layers_np = out.layers.cpu().numpy() if out.layers is not None else None
             for i, key in enumerate(batch.keys):
-                fields = _sample_fields(plan, key, emb_np[i], None if logits_np is None else logits_np[i], batch.extras[i])
+                fields = _sample_fields(plan, key, emb_np[i], None if logits_np is None else logits_np[i], batch.extras[i],
+                                        None if layers_np is None else layers_np[i])
                 split_counts[fields["split.txt"].decode()] += 1
                 writer.write(key, fields)
             count += len(batch.keys)

@@ -9,6 +9,9 @@ with the list of valid names; ``list(pattern)`` queries with shell-style wildcar
     def effnet_lite0_imagenet(**kw): ...
 
     TEACHERS.create("effnet_lite0_imagenet")
+
+An entry may also stand for a family of names written ``entry:argument`` (``open_clip:ViT-B-32/openai``):
+``resolve(name)`` returns the entry and the argument after its colon.
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             raise RegistryError(self.unknown_message(name)) from None
+
+    def resolve(self, name: str) -> tuple[str, str | None]:
+        """``"entry"`` -> ``("entry", None)``; ``"entry:rest"`` -> ``("entry", "rest")`` when ``entry`` is registered."""
+        if name in self._entries:
+            return name, None
+        prefix, sep, rest = name.partition(":")
+        if sep and prefix in self._entries:
+            return prefix, rest
+        raise RegistryError(self.unknown_message(name))
 
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)

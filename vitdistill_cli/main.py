@@ -370,11 +370,14 @@ def data_ingest(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOp
 
 @list_app.command("teachers")
 def list_teachers_cmd(pattern: Annotated[str, typer.Argument(help="shell-style pattern")] = "*") -> None:
-    """Registered teachers (any timm model name works too)."""
-    from vitdistill.models.teachers import list_teachers
+    """Registered teachers, and the SOURCE:MODEL families (any timm model name works too)."""
+    from vitdistill.models.teachers import TEACHER_SOURCES, list_teacher_sources, list_teachers
 
     for n in list_teachers(pattern):
         out.print(n)
+    for n in list_teacher_sources():
+        doc = (TEACHER_SOURCES.get(n).__doc__ or "").strip().splitlines()[0]
+        out.print(f"{n}:MODEL  [dim]{doc}[/]", highlight=False)
     out.print("[dim]... or any timm model name (timm.list_models()), with teacher.pretrained / teacher.checkpoint[/]")
 
 

@@ -22,6 +22,9 @@ from vitdistill.cache.tario import iter_tar_samples, load_npy
 from vitdistill.errors import CacheError, DataError
 
 
+ARRAY_FIELDS = ("emb", "logits", "logits_topk", "logits_idx", "layers")
+
+
 class FeatureCache:
     def __init__(self, cache_dir: str, manifest: dict[str, Any]) -> None:
         self.cache_dir = cache_dir
@@ -91,6 +94,8 @@ class FeatureCache:
         out: dict[str, Any] = {"key": key, "emb": emb, "split": fields.get("split.txt", b"train").decode()}
         if "logits.npy" in fields:
             out["logits"] = load_npy(fields["logits.npy"], where)
+        if "layers.npy" in fields:  # teacher.layers: the chosen blocks side by side, (sum of D_l,)
+            out["layers"] = load_npy(fields["layers.npy"], where)
         if "logits_topk.npy" in fields:
             out["logits_topk"] = load_npy(fields["logits_topk.npy"], where)
             out["logits_idx"] = load_npy(fields["logits_idx.npy"], where)
@@ -126,7 +131,7 @@ class FeatureCache:
         filled: dict[str, int] = {}
         i = 0
         for r in self.iter_samples(split):
-            for name in ("emb", "logits", "logits_topk", "logits_idx"):
+            for name in ARRAY_FIELDS:
                 if name not in r:
                     continue
                 if filled.setdefault(name, 0) != i:  # an earlier sample lacked it: this array is never complete
@@ -134,7 +139,7 @@ class FeatureCache:
                 filled[name] += 1
                 if name not in arrays:
                     shape = (n if n is not None else 1024, *r[name].shape)
-                    arrays[name] = np.empty(shape, np.float32 if name == "emb" else r[name].dtype)
+                    arrays[name] = np.empty(shape, np.float32 if name in ("emb", "layers") else r[name].dtype)
                 if i >= len(arrays[name]):  # the manifest gave no count: grow geometrically
                     arrays[name] = np.concatenate([arrays[name], np.empty_like(arrays[name])])
                 arrays[name][i] = r[name]
@@ -151,7 +156,7 @@ class FeatureCache:
             where = f"split {split!r}" if split else "the cache"
             raise DataError(f"{self.cache_dir}: {where} has no samples")
         out: dict[str, Any] = {"key": lists["key"], "split": lists["split"]}
-        for name in ("emb", "logits", "logits_topk", "logits_idx"):
+        for name in ARRAY_FIELDS:
             out[name] = arrays[name][:i] if filled.get(name) == i else None
         out["cls"] = np.array(cls, dtype=np.int64) if has["cls"] else None
         out["txt"] = lists["txt"] if has["txt"] else None

@@ -102,7 +102,7 @@ def plan_view_cache(cfg: VitdistillConfig, inputs: InputSet) -> ViewCachePlan:
     }
     digest = hashlib.sha256(json.dumps(address, sort_keys=True).encode()).hexdigest()
     return ViewCachePlan(
-        cache_dir=fs.join(cfg.cache.root, "views", f"{teacher.name}-{digest[:16]}"),
+        cache_dir=fs.join(cfg.cache.root, "views", f"{teacher.slug}-{digest[:16]}"),
         inputs=list(inputs.shards),
         teacher_cfg=cfg.teacher.model_dump(mode="json"),
         teacher=teacher.fingerprint(),

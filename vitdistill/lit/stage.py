@@ -51,7 +51,8 @@ def build_lit_model(cfg: LitConfig, data: LitData) -> tuple[LitModel, nn.Module]
     prompts = {data.texts[i] for i in np.unique(data.prompt_ids)} if data.prompt_ids is not None else set()
     corpus = sorted(train_texts | prompts)
     tower = create_text_tower(cfg.text_tower, corpus=corpus, max_length=cfg.max_text_length,
-                              width=cfg.scratch_width, layers=cfg.scratch_layers, heads=cfg.scratch_heads)
+                              width=cfg.scratch_width, layers=cfg.scratch_layers, heads=cfg.scratch_heads,
+                              checkpoint=cfg.text_checkpoint)
     model = LitModel(tower, image_dim=data.train.emb.shape[1], embed_dim=cfg.embed_dim,
                      text_head=cfg.text_head, image_head=cfg.image_head)
     loss_fn = create_lit_loss(cfg.loss, init_temperature=cfg.init_temperature, init_bias=cfg.init_bias)

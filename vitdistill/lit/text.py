@@ -2,11 +2,14 @@
 
     tower = create_text_tower("minilm")                        # pretrained, 384-d, offline
     tower = create_text_tower("scratch", corpus=captions)      # word vocab from the corpus
+    tower = create_text_tower("open_clip:ViT-B-32/laion2b_s34b_b79k")   # a CLIP text tower (hub, or checkpoint=)
     feats = tower(["a red circle", "a blue square"])           # (2, tower.dim), unnormalised
     unit = tower.encode(["a red circle"])                      # (1, tower.dim), L2-normalised
 
-Every tower pools token states with a masked mean (as sentence-transformers does for
-all-MiniLM-L6-v2) and says whether it is ``pretrained``: only pretrained towers can be frozen.
+The minilm and scratch towers pool token states with a masked mean (as sentence-transformers does for
+all-MiniLM-L6-v2); an open_clip tower gives its own ``encode_text`` (end-of-text token, projected). Every
+tower says whether it is ``pretrained``: only pretrained towers can be frozen. An entry may stand for a
+family of names ``entry:argument`` (``open_clip:MODEL/PRETRAINED``), resolved by the registry.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ TEXT_TOWERS: Registry[TextTower] = Registry("text tower")
 
 
 def create_text_tower(name: str, **kwargs) -> TextTower:
-    """Build a registered text tower; unknown names fail listing the valid ones."""
-    return TEXT_TOWERS.create(name, **kwargs)
+    """Build a registered text tower (``entry`` or ``entry:argument``); unknown names fail listing the valid ones."""
+    entry, argument = TEXT_TOWERS.resolve(name)
+    return TEXT_TOWERS.create(entry, **kwargs) if argument is None else TEXT_TOWERS.create(entry, spec=argument, **kwargs)
 
 
 def list_text_towers(pattern: str = "*") -> list[str]:
@@ -91,6 +95,40 @@ class MiniLMTower(TextTower):
 def minilm(corpus: Sequence[str] = (), max_length: int = 64, **_: object) -> TextTower:
     """Pretrained all-MiniLM-L6-v2 (its own WordPiece vocab; ``corpus`` is not needed)."""
     return MiniLMTower(max_length=max_length)
+
+
+# --------------------------------------------------------------------------- open_clip
+
+
+class OpenClipTower(TextTower):
+    """The text tower of an open_clip model: its tokenizer and ``encode_text`` (unnormalised, embed_dim wide)."""
+
+    pretrained = True
+
+    def __init__(self, spec: str, checkpoint: str | None = None) -> None:
+        super().__init__()
+        import open_clip
+
+        from vitdistill.models.teacher_open_clip import load_open_clip, split_open_clip_name
+
+        model = load_open_clip(spec, checkpoint, pretrained=True, key="lit.text_checkpoint")
+        model.visual = nn.Identity()  # the image side is the locked teacher; keep only the text weights
+        self.clip = model
+        self.tokenizer = open_clip.get_tokenizer(split_open_clip_name(spec)[0])
+        with torch.no_grad():
+            self.dim = int(self.clip.encode_text(self.tokenizer(["a"])).shape[-1])
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.clip.parameters()).device
+        return self.clip.encode_text(self.tokenizer(texts).to(device))  # (B, embed_dim)
+
+
+@TEXT_TOWERS.register("open_clip")
+def open_clip_tower(spec: str = "", checkpoint: str | None = None, **_: object) -> TextTower:
+    """``open_clip:MODEL/PRETRAINED``: hub weights, or ``lit.text_checkpoint`` = a local checkpoint file of MODEL."""
+    if not spec:
+        raise ConfigError("text tower 'open_clip' needs a model: lit.text_tower=open_clip:MODEL/PRETRAINED")
+    return OpenClipTower(spec, checkpoint)
 
 
 # --------------------------------------------------------------------------- from scratch

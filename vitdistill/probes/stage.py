@@ -5,6 +5,12 @@
 
 Splits come from the cache (recorded per sample at extraction); hyper-parameters are chosen on
 val; test is read once per probe.
+
+A cache extracted with ``teacher.layers`` also gets a linear probe per block and one on all blocks
+side by side (each block L2-normalised first when ``normalize``): metrics ``layer{b}_linear_top1``
+(``b`` the block index as configured, e.g. ``layer-2_linear_top1``), ``layers_concat_linear_top1``,
+and ``best_layer`` / ``best_layer_linear_top1``, the block with the best *val* top-1 (test never
+chooses; a tie goes to the deeper block), plus the table ``layers``.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import numpy as np
 
 from vitdistill.cache.reader import FeatureCache
 from vitdistill.config import ProbeConfig
+from vitdistill.errors import CacheError
 from vitdistill.probes.fewshot import fewshot_probe
+from vitdistill.probes.inputs import l2_normalize
 from vitdistill.probes.knn import knn_probe
+from vitdistill.probes.linear import linear_probe
 from vitdistill.probes.teacher import fit_teacher_probe, labelled_split
 from vitdistill.probes.plots import confusion_figure, per_class_table
 
@@ -42,10 +51,44 @@ class ProbeReport:
         return asdict(self)
 
 
+def probe_layers(fc: FeatureCache, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], cfg: ProbeConfig,
+                 num_classes: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A linear probe per cached block and on their concatenation (``feats``: split -> (N, sum D_l)); the
+    best block chosen on val."""
+    spec = fc.manifest["teacher"]["layers"]
+    splits = ("train", "val", "test")
+    offsets = np.cumsum([0, *spec["dims"]])
+    grid = tuple(cfg.l2_grid) if cfg.l2_grid else None
+
+    def probe(cols: list[slice]):
+        xs = [np.concatenate([l2_normalize(feats[s][:, c]) if cfg.normalize else feats[s][:, c] for c in cols], axis=1)
+              for s in splits]
+        return linear_probe(xs[0], labels["train"], xs[1], labels["val"], xs[2], labels["test"], l2_grid=grid,
+                            normalize=cfg.normalize, num_classes=num_classes)
+
+    metrics: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+    for block, dim, cols in zip(spec["blocks"], spec["dims"], slices):
+        r = probe([cols])
+        metrics[f"layer{block}_linear_top1"] = r.top1
+        rows.append({"layer": str(block), "dim": dim, "val_top1": round(max(r.val_top1_by_l2.values()), 4),
+                     "test_top1": round(r.top1, 4), "chosen_l2": r.chosen_l2})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_top1"], i))  # a tie goes to the deeper block
+    r = probe(slices)
+    metrics["layers_concat_linear_top1"] = r.top1
+    rows.append({"layer": "concat", "dim": int(offsets[-1]), "val_top1": round(max(r.val_top1_by_l2.values()), 4),
+                 "test_top1": round(r.top1, 4), "chosen_l2": r.chosen_l2})
+    metrics["best_layer"] = float(spec["blocks"][best])
+    metrics["best_layer_linear_top1"] = metrics[f"layer{spec['blocks'][best]}_linear_top1"]
+    return metrics, rows
+
+
 def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     """Every probe; the linear one is saved as the run's teacher probe (:mod:`vitdistill.probes.teacher`)."""
     fc = FeatureCache.open(cache_dir)
-    splits = [labelled_split(fc, s) for s in ("train", "val", "test")]
+    loaded = {s: fc.load(split=s) for s in ("train", "val", "test")}
+    splits = [labelled_split(fc, s, loaded[s]) for s in ("train", "val", "test")]
     (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)
     classes = fc.classes or [str(c) for c in range(int(max(ytr.max(), yva.max())) + 1)]
@@ -70,5 +113,13 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     most_shots, first_k = max(few.mean_top1), cfg.knn_k[0]
     headline = (f"linear top-1 {lin.top1:.3f}, {most_shots}-shot {few.mean_top1[most_shots]:.3f}, "
                 f"kNN@{first_k} {knn.top1[first_k]:.3f}")
+    if "layers" in fc.manifest["teacher"]:
+        if any(loaded[s]["layers"] is None for s in loaded):
+            raise CacheError(f"{cache_dir}: the manifest lists teacher layers but some samples have no layers.npy")
+        layer_metrics, tables["layers"] = probe_layers(fc, {s: loaded[s]["layers"] for s in loaded},
+                                                       {"train": ytr, "val": yva, "test": yte}, cfg, len(classes))
+        metrics.update(layer_metrics)
+        headline += (f"; best layer {int(layer_metrics['best_layer'])} {layer_metrics['best_layer_linear_top1']:.3f}, "
+                     f"all layers {layer_metrics['layers_concat_linear_top1']:.3f}")
     return ProbeReport(metrics=metrics, tables=tables, confusion=lin.confusion.tolist(), classes=list(classes),
                        split_sizes=sizes, headline=headline)

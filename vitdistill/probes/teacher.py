@@ -30,8 +30,9 @@ def probe_urls(fc: FeatureCache, cfg: ProbeConfig) -> tuple[str, str]:
     return fs.join(fc.cache_dir, "probes", f"linear-{key}.npz"), fs.join(fc.cache_dir, "probes", f"linear-{key}.json")
 
 
-def labelled_split(fc: FeatureCache, name: str):
-    d = fc.load(split=name)
+def labelled_split(fc: FeatureCache, name: str, loaded: dict | None = None):
+    """(emb, cls) of one split (``loaded``: ``fc.load(name)`` if already read)."""
+    d = loaded if loaded is not None else fc.load(split=name)
     if d["cls"] is None:
         raise DataError(f"{fc.cache_dir}: split {name!r} has samples without a 'cls' label; probes need class labels")
     return d["emb"], d["cls"]
