@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30, help="the one budget: epochs over the training split")
     ap.add_argument("--views", type=int, default=None, help="cached views per image (default: the recipe's)")
     ap.add_argument("--label-fraction", type=float, default=0.1, help="data-efficiency rows: share of labels")
+    ap.add_argument("--patience", default="", help="comma-separated epoch counts: function matching and labels "
+                    "only at each (the views are reused), to show how quality grows with the schedule")
     ap.add_argument("--cache-root", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="extra override for every run")
     args = ap.parse_args()
@@ -96,6 +98,17 @@ def main() -> None:
         closed = (m["student_top1"] - labels["student_top1"]) / gap if gap > 0 else float("nan")
         print(f"| {name} | {m['student_top1']:.3f} | {'' if m is labels else f'{closed:.0%}'} | "
               f"{m['train_seconds']:.0f} |")
+
+    if args.patience:
+        print("\n== patience: test top-1 against the schedule (function matching reuses its stored views)")
+        print("| epochs | labels only | function matching | gap closed |\n|---|---|---|---|")
+        views = [f"distill.num_views={args.views}"] if args.views else []
+        for e in [int(x) for x in args.patience.split(",")]:
+            lab = run(f"labels only, {e} epochs", [], ["distill.alpha=1.0", "distill.losses={}", f"distill.epochs={e}"])
+            fm = run(f"funmatch, {e} epochs", [str(ROOT / "configs" / "distill" / "funmatch.yaml")],
+                     [f"distill.epochs={e}", *views])
+            closed = (fm["student_top1"] - lab["student_top1"]) / max(1e-9, teacher_top1 - lab["student_top1"])
+            print(f"| {e} | {lab['student_top1']:.3f} | {fm['student_top1']:.3f} | {closed:.0%} |", flush=True)
 
     if "funmatch" in recipes:  # data efficiency: the funmatch student never saw a label; only its head does
         f = args.label_fraction
