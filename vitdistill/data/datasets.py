@@ -25,7 +25,6 @@ from vitdistill.config import DataConfig
 from vitdistill.errors import DataError
 from vitdistill.registry import Registry
 
-IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
 _FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": None, ".gif": None}
 
 
