@@ -109,6 +109,11 @@ class ProbeConfig(Section):
     knn_temperature: float = Field(0.07, gt=0.0)
 
 
+Optimizer = Literal["adamw", "adam", "lamb", "lion", "sgd"]
+OPTIMIZER_HELP = ("optimiser, built by timm.optim.create_optimizer_v2 (sgd: momentum 0.9); the learning rates, "
+                  "weight decay and schedule apply to any of them")
+
+
 class LitConfig(Section):
     """LiT: the image tower is locked (embeddings are read from the feature cache); a text tower and
     projection heads are trained contrastively. Defaults train in seconds on a laptop CPU: the
@@ -180,6 +185,11 @@ class DistillConfig(Section):
     weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay of weight matrices")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up share of steps, then cosine")
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the global gradient norm (none: no clipping)")
+    optimizer: Optimizer = Field("adamw", description=OPTIMIZER_HELP)
+    ema_decay: float | None = Field(
+        None, ge=0.0, lt=1.0, description="keep an EMA of the student's weights (e.g. 0.999), updated each step and "
+        "checkpointed; the EMA is the student that is evaluated and returned (none: no EMA)"
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU; CPU trains in fp32")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     alpha: float = Field(
