@@ -146,6 +146,10 @@ class LitConfig(Section):
     )
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of weight matrices")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up share of steps, then cosine")
+    optimizer: Optimizer = Field("adamw", description=OPTIMIZER_HELP)
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="clip the global gradient norm (none: no clipping; the contrastive loss is bounded)"
+    )
     init_temperature: float = Field(10.0, gt=0.0, description="initial logit scale t, 10 as in LiT and SigLIP")
     init_bias: float = Field(-10.0, description="initial logit bias of the sigmoid loss, -10 as in SigLIP")
     max_text_length: int = Field(32, ge=4, description="tokens kept per text")
