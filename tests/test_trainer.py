@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitdistill.config import Optimizer, load_config
+from vitdistill.errors import ConfigError
 from vitdistill.trainer import Callback, Trainer, TrainerConfig, TrainingError, param_groups, warmup_cosine
 
 
@@ -133,6 +136,15 @@ def test_optimizer_comes_from_timms_factory(name, cls):
     trainer = Trainer(toy(), MSE(), ToyBatches(), TrainerConfig(epochs=1, lr=0.1, optimizer=name))
     assert type(trainer.optimizer).__name__ == cls
     assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0, 0.05}
+
+
+def test_every_configurable_optimizer_builds_and_steps():
+    for name in typing.get_args(Optimizer):
+        assert fit(TrainerConfig(epochs=1, lr=0.01, optimizer=name)).result.step == 4, name
+    cfg = load_config(None, ["distill.optimizer=lamb", "distill.ema_decay=0.999", "lit.optimizer=sgd"])
+    assert (cfg.distill.optimizer, cfg.distill.ema_decay, cfg.lit.optimizer) == ("lamb", 0.999, "sgd")
+    with pytest.raises(ConfigError, match="distill.optimizer: input should be 'adamw', 'adam', 'lamb'"):
+        load_config(None, ["distill.optimizer=adamx"])
 
 
 def test_gradients_are_clipped_to_the_global_norm():
