@@ -33,8 +33,9 @@ from vitdistill.data.ingest import resolve_inputs
 from vitdistill.extract import extract
 from vitdistill.lit.data import load_lit_data
 from vitdistill.lit.stage import build_lit_model, run_lit
-from vitdistill.lit.train import TextFeatures, batch_loss, make_optimizer
+from vitdistill.lit.train import LitObjective, TextFeatures, batch_loss, lit_parts, trainer_config
 from vitdistill.models.teachers import create_teacher
+from vitdistill.trainer import create_optimizer
 
 
 def step(model, loss_fn, feats, opt, emb: torch.Tensor, text_ids: torch.Tensor, groups: torch.Tensor) -> None:
@@ -107,7 +108,8 @@ def main() -> None:
     model, loss_fn = build_lit_model(lit, data)
     frozen = model.text_tower.pretrained and lit.freeze_text
     feats = TextFeatures(model, data.texts, frozen)
-    opt = make_optimizer(model, loss_fn, lit, frozen)
+    objective = LitObjective(model, loss_fn, feats, torch.from_numpy(data.text_groups), frozen)
+    opt = create_optimizer(lit_parts(objective, lit), trainer_config(lit))
     model.train()
     teacher = create_teacher(TeacherConfig())
     cached, online = [], []

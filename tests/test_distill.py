@@ -19,18 +19,18 @@ from tests.conftest import free_port
 from vitdistill.config import StudentConfig
 from vitdistill.data.ingest import resolve_inputs
 from vitdistill.distill import (
-    DistillError, ParallelBlock, Trainer, TrainerConfig, create_distill_loss, create_student, kd_kl, list_losses,
+    ParallelBlock, Trainer, TrainerConfig, create_distill_loss, create_student, kd_kl, list_losses,
     list_students, run_distill,
 )
 from vitdistill.data.shards import SplitRule, index_shards, iter_samples
 from vitdistill.distill.data import StreamBatches, chw, parse_view_record, read_view_shard
 from vitdistill.distill.losses import FeatureDistillation, HardDistillation
 from vitdistill.distill.stage import build_student, student_spec
-from vitdistill.distill.trainer import Callback
 from vitdistill.distill.viewcache import build_view_cache, plan_views, teacher_spec
 from vitdistill.distill.views import View, render_batch
 from vitdistill.errors import ConfigError, RegistryError
 from vitdistill.models.teachers import Teacher, create_teacher
+from vitdistill.trainer import Callback, TrainingError
 
 TINY = ["data.limit=300", "data.shard_samples=128", "distill.batch_size=16", "distill.epochs=8",
         "distill.checkpoint_every=40", "distill.mode=online"]
@@ -159,7 +159,7 @@ class MSE(torch.nn.Module):
 
 def test_non_finite_loss_stops_with_the_step():
     trainer = Trainer(torch.nn.Linear(4, 1), MSE(), ToyBatches(poison_at=2), TrainerConfig(epochs=1, lr=0.1))
-    with pytest.raises(DistillError, match=r"step 3 \(epoch 0\): loss is nan"):
+    with pytest.raises(TrainingError, match=r"step 3 \(epoch 0\): loss is nan"):
         trainer.fit()
 
 

@@ -34,7 +34,8 @@ from vitdistill.lit import (
     zeroshot_classifier,
 )
 from vitdistill.lit.losses import multi_positive_ce
-from vitdistill.lit.train import positives_for
+from vitdistill.lit.train import LitObjective, TextFeatures, lit_parts, positives_for
+from vitdistill.trainer import TrainingError, param_groups
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -278,7 +279,7 @@ def test_end_to_end_scratch_on_generated_captions_is_deterministic(tmp_path):
     seen = []
     a = run_lit(cache, cfg, progress=False, on_epoch=seen.append)
     b = run_lit(cache, cfg, progress=False)
-    assert [r["epoch"] for r in seen] == list(range(1, cfg.epochs + 1))
+    assert [r["epoch"] for r in seen] == list(range(cfg.epochs))  # the trainer's numbering, from 0
     assert set(seen[0]) >= {"epoch", "train_loss", "val_loss", "temperature", "seconds"}
     assert a.metrics["zeroshot_top1"] > a.metrics["chance_top1"] + 0.3
     for k, v in a.metrics.items():
@@ -312,6 +313,31 @@ def test_open_clip_text_tower_is_encode_text_and_trains_in_lit(tmp_path):
     torch.save(report.model, io.BytesIO())  # what mlflow.pytorch.log_model pickles
     with pytest.raises(ConfigError, match="lit.text_checkpoint"):
         create_text_tower("open_clip:ViT-B-32/laion2b_s34b_b79k")
+
+
+def test_non_finite_lit_loss_stops_with_the_step(tmp_path):
+    cache = write_fake_cache(tmp_path / "c", n=60, source="generic")
+    with pytest.raises(TrainingError, match=r"^step 2 \(epoch 1\): loss is nan \(.*\); lower lit\.lr"):
+        run_lit(cache, load_config(None, ["lit.text_tower=scratch", "lit.lr=.inf"]).lit, progress=False)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_lit_param_groups_keep_their_learning_rates_and_decay_rules(minilm, frozen):
+    cfg = LitConfig(lr=1e-3, text_lr=1e-5, temperature_lr=0.1, weight_decay=0.5)
+    model = LitModel(minilm, image_dim=16, embed_dim=8)
+    loss_fn = create_lit_loss("sigmoid")
+    objective = LitObjective(model, loss_fn, TextFeatures(model, ["a"], frozen=False), torch.zeros(1), frozen)
+    groups = param_groups(lit_parts(objective, cfg), cfg.weight_decay)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert lr_of[id(loss_fn.log_t)] == lr_of[id(loss_fn.bias)] == (0.1, 0.0)
+    assert lr_of[id(model.image_head.weight)] == (1e-3, 0.5) and lr_of[id(model.image_head.bias)] == (1e-3, 0.0)
+    tower = list(minilm.parameters())
+    assert tower and all(p.requires_grad for p in tower)
+    heads = [*model.text_head.parameters(), *model.image_head.parameters(), *loss_fn.parameters()]
+    assert set(lr_of) == {id(p) for p in heads + ([] if frozen else tower)}
+    if not frozen:  # the pretrained tower at text_lr; its norms and biases without decay
+        assert {lr_of[id(p)] for p in tower if p.ndim == 1} == {(1e-5, 0.0)}
+        assert {lr_of[id(p)] for p in tower if p.ndim == 2} == {(1e-5, 0.5)}
 
 
 def test_sigmoid_loss_trains_too(tmp_path):

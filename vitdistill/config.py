@@ -127,6 +127,11 @@ class ProbeConfig(Section):
     knn_temperature: float = Field(0.07, gt=0.0)
 
 
+Optimizer = Literal["adamw", "adam", "lamb", "lion", "sgd"]
+OPTIMIZER_HELP = ("optimiser, built by timm.optim.create_optimizer_v2 (sgd: momentum 0.9); the learning rates, "
+                  "weight decay and schedule apply to any of them")
+
+
 class LitConfig(Section):
     """LiT: the image tower is locked (embeddings are read from the feature cache); a text tower and
     projection heads are trained contrastively. Defaults train in seconds on a laptop CPU: the
@@ -164,6 +169,10 @@ class LitConfig(Section):
     )
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay of weight matrices")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up share of steps, then cosine")
+    optimizer: Optimizer = Field("adamw", description=OPTIMIZER_HELP)
+    grad_clip: float | None = Field(
+        None, gt=0.0, description="clip the global gradient norm (none: no clipping; the contrastive loss is bounded)"
+    )
     init_temperature: float = Field(10.0, gt=0.0, description="initial logit scale t, 10 as in LiT and SigLIP")
     init_bias: float = Field(-10.0, description="initial logit bias of the sigmoid loss, -10 as in SigLIP")
     max_text_length: int = Field(32, ge=4, description="tokens kept per text")
@@ -203,6 +212,11 @@ class DistillConfig(Section):
     weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay of weight matrices")
     warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up share of steps, then cosine")
     grad_clip: float | None = Field(1.0, gt=0.0, description="clip the global gradient norm (none: no clipping)")
+    optimizer: Optimizer = Field("adamw", description=OPTIMIZER_HELP)
+    ema_decay: float | None = Field(
+        None, ge=0.0, lt=1.0, description="keep an EMA of the student's weights (e.g. 0.999), updated each step and "
+        "checkpointed; the EMA is the student that is evaluated and returned (none: no EMA)"
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU; CPU trains in fp32")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
     alpha: float = Field(

@@ -42,11 +42,11 @@ from vitdistill.distill.data import LabelSubset, StreamBatches, check_labels, ev
 from vitdistill.distill.evaluate import collect, count_params, distance, gflops, student_fn, teacher_fn, top1
 from vitdistill.distill.losses import NEEDS_TEACHER_LOGITS, create_distill_loss
 from vitdistill.distill.students import ProbeHead, Student, create_student
-from vitdistill.distill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
 from vitdistill.distill.viewcache import build_view_cache, plan_view_cache, teacher_spec
 from vitdistill.distill.views import InputSpec
 from vitdistill.errors import ConfigError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher, resolve_device
+from vitdistill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
 
 
 @dataclass
@@ -302,9 +302,9 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
         cache_seconds = time.perf_counter() - t0
         ckpt_dir = run_dir(tcfg_data, teacher, train_inputs, world_size)
         tcfg = TrainerConfig(epochs=d.epochs, lr=d.lr, weight_decay=d.weight_decay, warmup_fraction=d.warmup_fraction,
-                             grad_clip=d.grad_clip, precision=d.precision, device=str(device),
-                             checkpoint_every=d.checkpoint_every, checkpoint_dir=ckpt_dir, resume=d.resume,
-                             progress=progress)
+                             grad_clip=d.grad_clip, optimizer=d.optimizer, ema_decay=d.ema_decay,
+                             precision=d.precision, device=str(device), checkpoint_every=d.checkpoint_every,
+                             checkpoint_dir=ckpt_dir, resume=d.resume, progress=progress, name="distill")
         result = Trainer(student, loss_fn, data, tcfg, callbacks).fit()
         student.to("cpu").eval()
         metrics = evaluate_distill(cfg, student, teacher, inputs, index)

@@ -36,7 +36,7 @@ RETRIEVAL_KS = (1, 5, 10)
 @dataclass
 class LitReport:
     metrics: dict[str, float]
-    history: list[dict]  # one row per epoch: epoch, train_loss, val_loss, temperature, lr, seconds
+    history: list[dict]  # a row per epoch (from 0): epoch, train_loss, val_loss, temperature, lr, seconds
     tables: dict[str, list[dict[str, Any]]]
     figures: dict[str, Any] = field(default_factory=dict)  # artifact name -> matplotlib Figure
     model: nn.Module | None = None  # LitModel: strings -> joint space, plus the image head

@@ -1,9 +1,15 @@
-"""The LiT training loop: locked image embeddings from the cache, a trained text side, callbacks.
+"""LiT training: locked image embeddings from the cache and a trained text side, through the shared trainer.
 
     history = train_lit(model, loss_fn, data, cfg, frozen_text=True, on_epoch=print)
 
-The loop knows nothing of MLflow: it returns one dict per epoch (``epoch, train_loss, val_loss,
-temperature, lr, seconds``, plus ``bias`` for the sigmoid loss) and passes each to ``on_epoch``.
+LiT trains with :class:`vitdistill.trainer.Trainer`, the loop distillation uses (schedule, timm
+optimiser, parameter groups, clipping, the non-finite loss stop, callbacks): what is LiT's own is
+the batch source (:class:`LitBatches`), the module the trainer trains (:class:`LitObjective`: the
+model and the loss's temperature, batch -> loss dict), the parameter groups (heads at ``lr``, a
+pretrained tower being fine-tuned at ``text_lr``, the temperature at ``temperature_lr``) and the
+validation callback. The history holds one dict per epoch (``epoch`` from 0, ``train_loss``,
+``val_loss``, ``temperature``, ``lr``, ``seconds``, plus ``bias`` for the sigmoid loss), each passed
+to ``on_epoch``; the loop knows nothing of MLflow.
 
 Each batch pairs B images with their captions; the distinct captions of the batch (M <= B) are
 encoded once and a (B, M) positive mask tells the loss which pairs match: an image and a text
@@ -16,9 +22,8 @@ before training, so an epoch costs only the heads.
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from torch import nn
 from vitdistill.config import LitConfig
 from vitdistill.lit.data import LitData, LitSplit
 from vitdistill.lit.model import LitModel
-from vitdistill.progress import progress_bar
+from vitdistill.trainer import Batch, Callback, Trainer, TrainerConfig
 
 ENCODE_BATCH = 256  # texts per tower forward pass outside training
 
@@ -66,35 +71,20 @@ def batch_loss(model: LitModel, loss_fn: nn.Module, feats: TextFeatures, emb: to
     return loss_fn(img, txt, positives)
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    """LR multiplier: linear from ~0 to 1 over the warm-up steps, then cosine down to 0."""
-    warmup = int(round(total_steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def trainer_config(cfg: LitConfig, progress: bool = False) -> TrainerConfig:
+    return TrainerConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         warmup_fraction=cfg.warmup_fraction, grad_clip=cfg.grad_clip, optimizer=cfg.optimizer,
+                         progress=progress, name="lit")
 
 
-def make_optimizer(model: LitModel, loss_fn: nn.Module, cfg: LitConfig, frozen_text: bool) -> torch.optim.AdamW:
-    """AdamW; weight matrices decay, biases/norms/temperature do not; the loss's parameters get
-    temperature_lr and a pretrained tower text_lr."""
-    tower_lr = cfg.text_lr if model.text_tower.pretrained else cfg.lr
-    parts = [(model.text_head, cfg.lr), (model.image_head, cfg.lr), (loss_fn, cfg.temperature_lr)]
-    if not frozen_text:
-        parts.append((model.text_tower, tower_lr))
-    groups = []
-    for module, lr in parts:
-        params = [p for p in module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2 and module is not loss_fn]
-        rest = [p for p in params if not (p.ndim >= 2 and module is not loss_fn)]
-        for g, wd in ((decay, cfg.weight_decay), (rest, 0.0)):
-            if g:
-                groups.append({"params": g, "lr": lr, "weight_decay": wd})
-    return torch.optim.AdamW(groups)
+def lit_parts(objective: LitObjective, cfg: LitConfig) -> list[tuple[nn.Module, float]]:
+    """The trainer's ``(module, peak lr)`` pairs: heads at lr, the loss's temperature (and bias) at
+    temperature_lr, a tower being trained at text_lr if pretrained, else lr."""
+    model = objective.model
+    parts = [(model.text_head, cfg.lr), (model.image_head, cfg.lr), (objective.loss_fn, cfg.temperature_lr)]
+    if not objective.frozen_text:
+        parts.append((model.text_tower, cfg.text_lr if model.text_tower.pretrained else cfg.lr))
+    return parts
 
 
 def _batches(n: int, batch_size: int, order: torch.Tensor) -> list[torch.Tensor]:
@@ -115,53 +105,87 @@ def split_loss(model: LitModel, loss_fn: nn.Module, feats: TextFeatures, split: 
     return {k: v / len(split) for k, v in sums.items()}
 
 
+class LitObjective(nn.Module):
+    """What the trainer trains for LiT: the model and the loss module (its temperature), batch -> loss dict.
+
+    A batch is ``input`` (B, D) locked image embeddings and ``text_ids`` (B,) one caption each.
+    """
+
+    def __init__(self, model: LitModel, loss_fn: nn.Module, feats: TextFeatures, groups: torch.Tensor,
+                 frozen_text: bool) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.feats, self.frozen_text = model, loss_fn, feats, frozen_text
+        self.register_buffer("groups", groups, persistent=False)  # (U,) text id -> group
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return batch_loss(self.model, self.loss_fn, self.feats, batch["input"], batch["text_ids"], self.groups)
+
+    def train(self, mode: bool = True) -> LitObjective:
+        super().train(mode)
+        if self.frozen_text:
+            self.model.text_tower.eval()
+        return self
+
+
+class LitBatches:
+    """The trainer's batch source: epoch e is a permutation of train and one caption per image, both drawn
+    from a generator seeded by (seed, e), so a batch is a function of (epoch, position)."""
+
+    def __init__(self, split: LitSplit, batch_size: int, seed: int) -> None:
+        self.emb, self.options = torch.from_numpy(split.emb), torch.from_numpy(split.options)  # (N, D), (N, K)
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.emb) / self.batch_size))
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        n, k = self.options.shape
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+        order = torch.randperm(n, generator=gen)
+        text_ids = self.options[torch.arange(n), torch.randint(k, (n,), generator=gen)]  # (N,) one caption each
+        for idx in _batches(n, self.batch_size, order)[start:]:
+            yield {"input": self.emb[idx], "text_ids": text_ids[idx]}
+
+
+class LitValidation(Callback):
+    """Turns the trainer's epoch summary into LiT's history row: ``train_loss``, val loss, the temperature now."""
+
+    def __init__(self, objective: LitObjective, data: LitData, batch_size: int) -> None:
+        self.objective, self.data, self.batch_size = objective, data, batch_size
+
+    def on_epoch(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
+        o = self.objective
+        val = split_loss(o.model, o.loss_fn, o.feats, self.data.val, o.groups, self.batch_size) \
+            if len(self.data.val) > 1 else {}
+        summary["train_loss"] = summary.pop("loss")
+        for key in ("contrastive_loss", "temperature", "bias"):  # step means; the values now follow
+            summary.pop(key, None)
+        summary.update(val_loss=val.get("loss", float("nan")), temperature=float(o.loss_fn.temperature().detach()))
+        if hasattr(o.loss_fn, "bias"):
+            summary["bias"] = float(o.loss_fn.bias.detach())
+
+
+class OnEpoch(Callback):
+    """Passes a copy of each epoch's row to a plain function."""
+
+    def __init__(self, fn: Callable[[dict], None]) -> None:
+        self.fn = fn
+
+    def on_epoch(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
+        self.fn(dict(summary))
+
+
 def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig, *, frozen_text: bool,
               feats: TextFeatures | None = None, progress: bool = True,
               on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train ``model`` (text side and heads) and ``loss_fn`` (temperature) in place; returns history."""
     feats = feats or TextFeatures(model, data.texts, frozen_text)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    emb, options = torch.from_numpy(data.train.emb), torch.from_numpy(data.train.options)  # (N, D), (N, K)
-    groups = torch.from_numpy(data.text_groups)  # (U,)
-    n, k = options.shape
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    opt = make_optimizer(model, loss_fn, cfg, frozen_text)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_fraction))
-    history: list[dict] = []
-    bar = progress_bar(progress, total=cfg.epochs * steps_per_epoch, desc="lit", unit="step", leave=False)
-    try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            if frozen_text:
-                model.text_tower.eval()
-            order = torch.randperm(n, generator=gen)
-            text_ids = options[torch.arange(n), torch.randint(k, (n,), generator=gen)]  # (N,) one caption each
-            sums: dict[str, float] = defaultdict(float)
-            for idx in _batches(n, cfg.batch_size, order):
-                out = batch_loss(model, loss_fn, feats, emb[idx], text_ids[idx], groups)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                opt.step()
-                sched.step()
-                for name, v in out.items():
-                    sums[name] += float(v.detach()) * len(idx)
-                bar.update()
-            val = split_loss(model, loss_fn, feats, data.val, groups, cfg.batch_size) if len(data.val) > 1 else {}
-            row = {"epoch": epoch, "train_loss": sums["loss"] / n, "val_loss": val.get("loss", float("nan")),
-                   "temperature": float(loss_fn.temperature().detach())}
-            if hasattr(loss_fn, "bias"):
-                row["bias"] = float(loss_fn.bias.detach())
-            row["lr"] = float(sched.get_last_lr()[0])
-            row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", t=f"{row['temperature']:.1f}")
-            if on_epoch is not None:
-                on_epoch(dict(row))
-    finally:
-        bar.close()
-    model.eval()
-    return history
+    objective = LitObjective(model, loss_fn, feats, torch.from_numpy(data.text_groups), frozen_text)
+    callbacks = [LitValidation(objective, data, cfg.batch_size)] + ([OnEpoch(on_epoch)] if on_epoch else [])
+    batches = LitBatches(data.train, cfg.batch_size, cfg.seed)
+    trainer = Trainer(objective, None, batches, trainer_config(cfg, progress), callbacks,
+                      parts=lit_parts(objective, cfg))
+    return trainer.fit().history
 
 
 @torch.no_grad()

@@ -1,22 +1,32 @@
-"""A generic training loop (minGPT style): it knows a model, a loss module and batches, nothing else.
+"""The one training loop (minGPT style): it knows a model, a loss and batches, nothing else.
+Distillation and LiT both train through it.
 
     trainer = Trainer(model, loss_fn, data, TrainerConfig(epochs=8, lr=2e-3, checkpoint_dir="ckpt/"),
                       callbacks=[PrintLosses()])
     result = trainer.fit()      # TrainResult: history (one dict per epoch), step, last losses
 
-- ``data`` has ``len(data)`` batches per epoch and ``data.batches(epoch, start)``, dicts of tensors
-  whose ``"input"`` goes to the model; ``loss_fn(outputs, batch)`` returns a dict with ``"loss"``.
-- AdamW (no decay on norms, biases, tokens and position embeddings), linear warm-up then cosine,
-  global-norm gradient clipping, bf16 autocast on GPU.
-- A non-finite loss stops the run with a :class:`DistillError` naming the step.
-- Checkpoints every N steps hold the model, optimizer, scheduler, RNG states and the data position
-  (epoch, batch); saved with ``torch.save`` as tensors and plain types and loaded with
+- ``data`` has ``len(data)`` batches per epoch and ``data.batches(epoch, start)``, dicts of tensors.
+  The model gets ``batch["input"]`` and ``loss_fn(outputs, batch)`` returns a dict with ``"loss"``;
+  without a ``loss_fn`` the model computes its own losses, ``model(batch) -> dict`` (LiT).
+- The optimiser is timm's ``create_optimizer_v2`` (``optimizer="adamw"``; ``lamb``, ``sgd``, ...) over
+  parameter groups: ``(module, peak lr)`` pairs from the caller (default: the model at ``lr``), each
+  split by timm's rule: weight matrices decay; biases, norms, other 1-d parameters and what the
+  module's ``no_weight_decay()`` names (tokens, position embeddings) do not.
+- The schedule is timm's ``CosineLRScheduler`` updated per step: update ``u`` (1-based) runs at
+  ``u / warmup`` of each group's peak during the warm-up, then cosine down to 0 at the last step.
+- Global-norm gradient clipping, bf16 autocast on GPU, and optionally an EMA of the weights
+  (timm's ``ModelEmaV3``, ``ema_decay``) updated after every step; when enabled the model ends
+  ``fit()`` holding the EMA weights.
+- A non-finite loss stops the run with a one-line :class:`TrainingError` naming the step.
+- Epochs are numbered from 0 (history, callbacks and errors alike).
+- Checkpoints every N steps hold the model, the EMA, optimizer, scheduler, RNG states and the data
+  position (epoch, batch); saved with ``torch.save`` as tensors and plain types and loaded with
   ``torch.load(weights_only=True)``. ``resume=True`` continues from the latest one, and since a batch
-  is a function of (epoch, position), the resumed run matches an uninterrupted one.
+  is a function of (epoch, position), the resumed run matches an uninterrupted one bit for bit.
 - Under ``torchrun`` (``torch.distributed`` initialised), the model is wrapped in DDP, each rank
   reads its own shard of every epoch, rank 0 writes checkpoints, and epoch summaries are averaged
   over ranks, so every rank returns the same history.
-- Callbacks (:class:`Callback`) see every step, epoch and checkpoint: logging hooks in there.
+- Callbacks (:class:`Callback`) see every step, epoch and checkpoint: logging and evaluation hook in there.
 """
 
 from __future__ import annotations
@@ -30,13 +40,20 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from vitdistill.cache import fs
-from vitdistill.distill.errors import DistillError
+from vitdistill.errors import VitdistillError
 from vitdistill.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
+
+
+class TrainingError(VitdistillError):
+    """Training cannot go on: a non-finite loss (naming the step), or a checkpoint that does not fit."""
 
 
 class BatchSource(Protocol):
@@ -52,7 +69,8 @@ class Callback:
         """After optimiser step ``step`` (1-based): this rank's losses, ``lr`` and ``grad_norm``."""
 
     def on_epoch(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
-        """After epoch ``epoch`` (0-based): mean losses over all ranks, ``lr``, ``seconds``."""
+        """After epoch ``epoch`` (0-based): mean losses over all ranks, ``lr``, ``seconds``. A callback may
+        add entries (validation metrics); later callbacks and the history see them."""
 
     def on_checkpoint(self, trainer: Trainer, path: str) -> None:
         """After a checkpoint was published at ``path`` (rank 0 only)."""
@@ -61,10 +79,13 @@ class Callback:
 @dataclass
 class TrainerConfig:
     epochs: int
-    lr: float
+    lr: float  # peak learning rate (of the whole model, unless the caller passes its own parts)
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     grad_clip: float | None = 1.0
+    optimizer: str = "adamw"  # any name of timm.optim.list_optimizers()
+    ema_decay: float | None = None  # EMA of the model's weights after each step; None: no EMA
+    name: str = "train"  # the config section: progress bar label and the error's hint
     precision: str = "fp32"  # "bf16": autocast on CUDA; CPU always trains in fp32
     device: str = "cpu"
     checkpoint_every: int = 0  # steps; 0: only a final checkpoint (if checkpoint_dir)
@@ -82,30 +103,31 @@ class TrainResult:
     seconds: float = 0.0
 
 
-class WarmupCosine:
-    """LR multiplier at step s: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``.
-
-    A plain object (ints only), so ``LambdaLR.state_dict()`` stores it as data.
-    """
-
-    def __init__(self, total: int, warmup: int) -> None:
-        self.total, self.warmup = total, warmup
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def param_groups(parts: Sequence[tuple[nn.Module, float]], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups of ``(module, peak lr)`` pairs: timm's rule per module (weight matrices decay;
+    biases, norms, 1-d parameters and the module's ``no_weight_decay()`` names do not)."""
+    groups = []
+    for module, lr in parts:
+        skip = getattr(module, "no_weight_decay", lambda: ())()
+        for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_list=skip):
+            groups.append({**group, "lr": lr})
+    return groups
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay weight matrices only: not biases, norms (ndim < 2) or what ``no_weight_decay()`` names."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def create_optimizer(parts: Sequence[tuple[nn.Module, float]], cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """timm's ``cfg.optimizer`` over :func:`param_groups` of ``(module, peak lr)`` pairs."""
+    return create_optimizer_v2(param_groups(parts, cfg.weight_decay), opt=cfg.optimizer, lr=cfg.lr,
+                               weight_decay=cfg.weight_decay)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> CosineLRScheduler:
+    """Per-step schedule: ``step_update(u)`` sets the lr of update ``u`` (1-based), ``u / warmup`` of each
+    group's peak while ``u < warmup``, then cosine from the peak at ``u = warmup`` to 0 at ``u = total``.
+    Stateless given ``u``, so a resumed run sets exactly the lr an uninterrupted one had."""
+    sched = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), warmup_t=warmup, warmup_prefix=True,
+                              t_in_epochs=False)
+    sched.step_update(1)
+    return sched
 
 
 # --------------------------------------------------------------------------- RNG state as plain data
@@ -165,17 +187,20 @@ def mean_over_ranks(sums: dict[str, float], count: int) -> dict[str, float]:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, data: BatchSource, cfg: TrainerConfig,
-                 callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module | None, data: BatchSource, cfg: TrainerConfig,
+                 callbacks: Sequence[Callback] = (), parts: Sequence[tuple[nn.Module, float]] | None = None) -> None:
+        """``parts``: the ``(module, peak lr)`` pairs to optimise, all inside ``model``; default the model
+        at ``cfg.lr``."""
         self.model, self.loss_fn, self.data, self.cfg = model, loss_fn, data, cfg
         self.callbacks = list(callbacks)
         self.device = torch.device(cfg.device)
         self.rank, self.world_size = world()
         self.total_steps = cfg.epochs * len(data)
         self.model.to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-        warmup = int(cfg.warmup_fraction * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(self.total_steps, warmup))
+        self.optimizer = create_optimizer(parts or [(model, cfg.lr)], cfg)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scheduler = warmup_cosine(self.optimizer, self.total_steps, int(cfg.warmup_fraction * self.total_steps))
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
         self.step, self.epoch, self.position = 0, 0, 0
         self.sums: dict[str, float] = {}
         self.count = 0
@@ -187,6 +212,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
+            **({"ema": self.ema.module.state_dict()} if self.ema else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
@@ -198,9 +224,14 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], where: str) -> None:
         if (state["total_steps"], state["world_size"]) != (self.total_steps, self.world_size):
-            raise DistillError(f"{where}: checkpoint of a run with {state['total_steps']} steps on "
-                               f"{state['world_size']} process(es), not {self.total_steps} on {self.world_size}")
+            raise TrainingError(f"{where}: checkpoint of a run with {state['total_steps']} steps on "
+                                f"{state['world_size']} process(es), not {self.total_steps} on {self.world_size}")
+        if (self.ema is None) != ("ema" not in state):
+            raise TrainingError(f"{where}: checkpoint {'without' if self.ema else 'with'} EMA weights, "
+                                f"this run has ema_decay={self.cfg.ema_decay}")
         self.model.load_state_dict(state["model"])
+        if self.ema:
+            self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -253,9 +284,9 @@ class Trainer:
         autocast = self.device.type == "cuda" and self.cfg.precision == "bf16"
         last: dict[str, float] = {}
         bar = progress_bar(self.cfg.progress and not self.rank, total=self.total_steps, initial=self.step, unit="step",
-                           leave=False, desc="distill")
-        self.model.train()
+                           leave=False, desc=self.cfg.name)
         while self.epoch < self.cfg.epochs:
+            self.model.train()  # again each epoch: an evaluating callback may have switched it off
             t_epoch = time.perf_counter()
             for batch in self.data.batches(self.epoch, start=self.position):
                 if len(batch["input"]) == 0:  # every image of the batch was skipped (data.on_error=skip)
@@ -263,20 +294,22 @@ class Trainer:
                     continue
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    losses = self.loss_fn(net(batch["input"]), batch)
+                    losses = net(batch) if self.loss_fn is None else self.loss_fn(net(batch["input"]), batch)
                 last = {k: float(v.detach()) for k, v in losses.items()}
                 if not math.isfinite(last["loss"]):
                     terms = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "loss")
-                    raise DistillError(f"step {self.step + 1} (epoch {self.epoch}): loss is {last['loss']} ({terms}); "
-                                       "lower distill.lr or check the inputs and the teacher's outputs")
+                    raise TrainingError(f"step {self.step + 1} (epoch {self.epoch}): loss is {last['loss']} ({terms}); "
+                                        f"lower {self.cfg.name}.lr or check the inputs")
                 self.optimizer.zero_grad(set_to_none=True)
                 losses["loss"].backward()
                 if self.cfg.grad_clip:
-                    last["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
+                    last["grad_norm"] = float(nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
                 last["lr"] = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
-                self.scheduler.step()
                 self.step += 1
+                self.scheduler.step_update(self.step + 1)
+                if self.ema:
+                    self.ema.update(self.model)
                 self.position += 1
                 self.count += 1
                 for k, v in last.items():
@@ -299,6 +332,8 @@ class Trainer:
             self.epoch, self.position, self.sums, self.count, self.epoch_seconds = self.epoch + 1, 0, {}, 0, 0.0
         bar.close()
         self.save_checkpoint()  # no-op when this step is already saved
+        if self.ema:
+            self.model.load_state_dict(self.ema.module.state_dict())
         self.model.eval()
         return TrainResult(self.history, self.step, last, resumed, time.perf_counter() - t0)
 
