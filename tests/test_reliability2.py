@@ -1,0 +1,58 @@
+"""Reliability, round 2 (issue #17): truncated shards, bad shard lists, escaping names, credentials in
+logs, bad paths. Each bad input fails with one line naming the file, key or field."""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import pytest
+
+from vitdistill.cache.tario import TarShardWriter, UnreadableShardError, iter_tar_samples
+from vitdistill.errors import VitdistillError
+
+
+def _shard(path, n: int = 5) -> bytes:
+    w = TarShardWriter(str(path))
+    for i in range(n):
+        w.write(f"s{i:04d}", {"png": bytes([i]) * (100 + 300 * i), "cls": str(i % 2).encode()})
+    w.close()
+    return path.read_bytes()
+
+
+def _end_marker(data: bytes) -> int:
+    """Byte offset just past the two zero blocks that end the archive."""
+    offset = 0
+    while data[offset : offset + 512] != bytes(512):
+        size = int(data[offset + 124 : offset + 135], 8)
+        offset += 512 + -(-size // 512) * 512
+    return offset + 1024
+
+
+def _read(data: bytes, name: str = "a.tar") -> list[str]:
+    return [k for k, _ in iter_tar_samples(io.BytesIO(data), name)]
+
+
+def test_truncated_tar_is_never_taken_for_a_shorter_shard(tmp_path):
+    data = _shard(tmp_path / "a.tar")
+    end = _end_marker(data)
+    assert _read(data) == [f"s{i:04d}" for i in range(5)]
+    cuts = sorted({*range(0, end, 512), *range(1, end, 97), end - 1, end - 512})  # every header boundary too
+    for cut in cuts:
+        with pytest.raises(UnreadableShardError, match=r"^a\.tar: (truncated|not a readable)"):
+            _read(data[:cut])
+    for cut in range(end, len(data) + 1, 512):  # only the record padding after the end marker is missing
+        assert len(_read(data[:cut])) == 5, cut
+
+
+def test_truncated_gzip_shard_gives_all_samples_or_an_error(tmp_path):
+    data = gzip.compress(_shard(tmp_path / "a.tar"), mtime=0)
+    assert len(_read(data)) == 5
+    errors = 0
+    for cut in range(0, len(data)):
+        try:
+            assert len(_read(data[:cut])) == 5, cut  # a cut in the gzip trailer loses only padding
+        except UnreadableShardError as e:
+            assert str(e).startswith("a.tar: ")
+            errors += 1
+    assert errors > len(data) // 2
