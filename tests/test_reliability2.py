@@ -56,3 +56,28 @@ def test_truncated_gzip_shard_gives_all_samples_or_an_error(tmp_path):
             assert str(e).startswith("a.tar: ")
             errors += 1
     assert errors > len(data) // 2
+
+
+# --------------------------------------------------------------------------- data.path shard lists
+
+
+def _wds_cfg(make_cfg, path: str):
+    return make_cfg("data.source=wds", f"data.path='{path}'")
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("{d}/a.tar::{d}/a.tar", r"^data\.path: shard .*/a\.tar is listed twice"),
+    ("{d}/a.tar::{d}/{{a,b}}.tar", r"^data\.path: shard .*/a\.tar is listed twice"),
+    ("{d}/a.tar::", r"^data\.path .*: part 2 of the '::'-separated list is empty$"),
+    ("{d}/a.tar:: ::{d}/b.tar", r"^data\.path .*: part 2 of the '::'-separated list is empty$"),
+    ("{d}", r"^data\.path: shard .* is a directory, expected a tar file$"),
+])
+def test_bad_shard_list_is_one_line(make_cfg, tmp_path, pattern, message):
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    for name in ("a.tar", "b.tar"):
+        _shard(tmp_path / name, 2)
+    with pytest.raises(DataError, match=message):
+        resolve_inputs(_wds_cfg(make_cfg, pattern.format(d=tmp_path)), progress=False)
+    assert len(resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar::{tmp_path}/b.tar")).shards) == 2

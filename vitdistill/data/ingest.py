@@ -131,10 +131,20 @@ def _write_shards(ds, out_dir: str, per_shard: int, fingerprint: str, progress: 
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """``"s3://b/train-{000..009}.tar"`` -> ten URLs; several patterns may be joined with ``::``."""
+    """``"s3://b/train-{000..009}.tar"`` -> ten URLs; several patterns may be joined with ``::``.
+
+    An empty part (``a.tar::``) and a shard listed twice are errors: either would silently change
+    what the extraction reads."""
     urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(braceexpand(part.strip()))
+    seen: set[str] = set()
+    for i, part in enumerate(pattern.split("::")):
+        if not part.strip():
+            raise DataError(f"data.path {pattern!r}: part {i + 1} of the '::'-separated list is empty")
+        for url in braceexpand(part.strip()):
+            if url in seen:
+                raise DataError(f"data.path: shard {url} is listed twice (each shard may appear once)")
+            seen.add(url)
+            urls.append(url)
     return urls
 
 
@@ -150,6 +160,8 @@ def resolve_inputs(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
             info = fsys.info(path)
         except FileNotFoundError:
             raise DataError(f"data.path: shard {url} not found") from None
+        if info.get("type") == "directory":
+            raise DataError(f"data.path: shard {url} is a directory, expected a tar file")
         infos.append([url, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))])
     fingerprint = hashlib.sha256(json.dumps(infos, sort_keys=True).encode()).hexdigest()
     return InputSet(source="wds", shards=urls, classes=_wds_classes(urls[0]), fingerprint=fingerprint)
