@@ -81,3 +81,19 @@ def test_bad_shard_list_is_one_line(make_cfg, tmp_path, pattern, message):
     with pytest.raises(DataError, match=message):
         resolve_inputs(_wds_cfg(make_cfg, pattern.format(d=tmp_path)), progress=False)
     assert len(resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar::{tmp_path}/b.tar")).shards) == 2
+
+
+# --------------------------------------------------------------------------- LiT divergence
+
+
+def test_lit_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
+    from tests.test_lit import FAST_SCRATCH, write_fake_cache
+    from vitdistill.config import LitConfig
+    from vitdistill.errors import TrainingError
+    from vitdistill.lit import run_lit
+
+    cache = write_fake_cache(tmp_path / "c", n=120, captions=lambda i, c: f"caption {c}")
+    cfg = LitConfig(**{**FAST_SCRATCH, "epochs": 2}, lr=float("inf"))
+    with pytest.raises(TrainingError, match=r"^LiT step 2 \(epoch 2\): loss is nan .*; lower lit\.lr") as e:
+        run_lit(cache, cfg, progress=False)
+    assert "\n" not in str(e.value)

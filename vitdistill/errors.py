@@ -24,6 +24,10 @@ class CacheError(VitdistillError):
     """A feature cache is missing, stale, corrupt or inconsistent with its manifest."""
 
 
+class TrainingError(VitdistillError):
+    """A training run diverged (a non-finite loss); the message names the step and what to lower."""
+
+
 class RegistryError(VitdistillError, KeyError):
     """A plug-in name is not registered."""
 

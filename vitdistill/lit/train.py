@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from vitdistill.config import LitConfig
+from vitdistill.errors import TrainingError
 from vitdistill.lit.data import LitData, LitSplit
 from vitdistill.lit.model import LitModel
 from vitdistill.progress import progress_bar
@@ -64,6 +65,15 @@ def batch_loss(model: LitModel, loss_fn: nn.Module, feats: TextFeatures, emb: to
     img = model.encode_image(emb)  # (B, E)
     txt = model.project_text(feats(distinct))  # (M, E)
     return loss_fn(img, txt, positives)
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int, epoch: int) -> None:
+    """Stop on a NaN or infinite loss, naming the step: training on would only log NaNs."""
+    loss = float(losses["loss"].detach())
+    if not math.isfinite(loss):
+        terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items() if k != "loss")
+        raise TrainingError(f"LiT step {step} (epoch {epoch}): loss is {loss}{f' ({terms})' if terms else ''}; "
+                            "lower lit.lr or lit.temperature_lr, or check the cached embeddings")
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
@@ -140,6 +150,7 @@ def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig
             sums: dict[str, float] = defaultdict(float)
             for idx in _batches(n, cfg.batch_size, order):
                 out = batch_loss(model, loss_fn, feats, emb[idx], text_ids[idx], groups)
+                check_finite(out, step=sched.last_epoch + 1, epoch=epoch)
                 opt.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 opt.step()
