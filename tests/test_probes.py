@@ -271,6 +271,7 @@ def test_knn_hand_computed_votes_and_temperature():
         q, bank, bank_labels = torch.from_numpy(query), torch.from_numpy(train), torch.from_numpy(labels)
         votes = knn_votes(q, bank, bank_labels, (3,), temperature, 2)
         hand = [math.exp(0.9 / temperature), math.exp(0.5 / temperature) + math.exp(0.45 / temperature)]
+        hand = [v / math.exp(0.9 / temperature) for v in hand]  # relative to the nearest neighbour
         assert np.allclose(votes[3].numpy()[0], hand, rtol=1e-5)
         res = knn_probe(train, labels, query, np.array([expected]), ks=(3,), temperature=temperature)
         assert res.top1 == {3: 1.0} and res.top5 == {3: 1.0} and res.test_pred[3].tolist() == [expected]

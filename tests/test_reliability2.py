@@ -97,3 +97,32 @@ def test_lit_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
     with pytest.raises(TrainingError, match=r"^LiT step 2 \(epoch 2\): loss is nan .*; lower lit\.lr") as e:
         run_lit(cache, cfg, progress=False)
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- kNN at a small temperature
+
+
+def test_knn_at_temperature_001_matches_a_float64_reference():
+    import numpy as np
+
+    from vitdistill.probes import knn_probe
+
+    rng = np.random.default_rng(0)
+    common, centres = rng.normal(size=32) * 8, rng.normal(size=(4, 32))  # every cosine ~0.98: exp(98)
+    y_train, y_test = rng.integers(4, size=200), rng.integers(4, size=60)
+    x_train = (common + centres[y_train] + rng.normal(size=(200, 32))).astype(np.float32)
+    x_test = (common + centres[y_test] + rng.normal(size=(60, 32))).astype(np.float32)
+    t, k = 0.01, 10
+    res = knn_probe(x_train, y_train, x_test, y_test, ks=(k,), temperature=t)
+
+    a = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    q = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
+    sim = q.astype(np.float64) @ a.T.astype(np.float64)  # (M, N)
+    nn = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.zeros((len(q), 4))
+    for i in range(len(q)):
+        for j in nn[i]:
+            votes[i, y_train[j]] += np.exp(sim[i, j] / t)  # float64 holds exp(100)
+    assert np.isfinite(votes).all() and votes.max() > np.finfo(np.float32).max  # float32 would overflow
+    assert res.test_pred[k].tolist() == votes.argmax(1).tolist()
+    assert res.top1[k] == pytest.approx(float((votes.argmax(1) == y_test).mean()))
