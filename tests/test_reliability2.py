@@ -126,3 +126,29 @@ def test_knn_at_temperature_001_matches_a_float64_reference():
     assert np.isfinite(votes).all() and votes.max() > np.finfo(np.float32).max  # float32 would overflow
     assert res.test_pred[k].tolist() == votes.argmax(1).tolist()
     assert res.top1[k] == pytest.approx(float((votes.argmax(1) == y_test).mean()))
+
+
+# --------------------------------------------------------------------------- few-shot with few images
+
+
+def test_fewshot_reports_only_shot_counts_every_class_has(tmp_path):
+    import numpy as np
+
+    from tests.test_lit import write_fake_cache
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.config import ProbeConfig
+    from vitdistill.probes.stage import probe_cache
+
+    cache = write_fake_cache(tmp_path / "c", n=30, classes=("cat", "dog", "fish"))
+    counts = np.bincount(FeatureCache.open(cache).load(split="train")["cls"], minlength=3)
+    assert 3 <= counts.min() <= 7 < 10  # the few-image case of the issue
+    report = probe_cache(cache, ProbeConfig(knn_k=[3]))
+    shots = [s for s in (1, 5, 10, 25) if s <= counts.min()]
+    assert sorted(k for k in report.metrics if k.endswith("shot_top1")) == sorted(f"fewshot_{s}shot_top1" for s in shots)
+    assert f", {max(shots)}-shot " in report.headline and "25-shot" not in report.headline
+    rows = {r["shots"]: r for r in report.tables["fewshot"]}
+    assert sorted(rows) == [1, 5, 10, 25]
+    assert rows[25]["mean_top1"] is None and rows[10]["mean_top1"] is None
+    short = [c for c in ("cat", "dog", "fish") if counts[("cat", "dog", "fish").index(c)] < 10][0]
+    assert rows[10]["note"].startswith(f"skipped: class {short!r} has ")
+    assert rows[1]["note"] == "" and rows[1]["mean_top1"] is not None
