@@ -152,3 +152,45 @@ def test_fewshot_reports_only_shot_counts_every_class_has(tmp_path):
     short = [c for c in ("cat", "dog", "fish") if counts[("cat", "dog", "fish").index(c)] < 10][0]
     assert rows[10]["note"].startswith(f"skipped: class {short!r} has ")
     assert rows[1]["note"] == "" and rows[1]["mean_top1"] is not None
+
+
+# --------------------------------------------------------------------------- config values and files
+
+
+@pytest.mark.parametrize("item, message", [
+    ("cache.root=''", r"^--set: cache\.root: expected a directory or URI such as \./vitdistill-cache, got ''"),
+    ("cache.root='   '", r"^--set: cache\.root: expected a directory or URI .*got '   '"),
+    ("report.out_dir=''", r"^--set: report\.out_dir: expected a directory or URI"),
+    ("teacher.device=gpu", r"^--set: teacher\.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'$"),
+    ("teacher.device='cuda:x'", r"^--set: teacher\.device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda:x'$"),
+    ("distill.device=cuda0", r"^--set: distill\.device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda0'$"),
+])
+def test_bad_config_values_are_one_line_naming_the_key(item, message):
+    from vitdistill.config import load_config
+    from vitdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, [item])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_valid_devices_pass(device):
+    from vitdistill.config import load_config
+
+    assert load_config(None, [f"teacher.device={device}"]).teacher.device == device
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"x\.yaml: not a UTF-8 text file \(byte \d+ is 0x[0-9a-f]{2}\); expected a YAML config$"),
+    (b"data:\n  source: \x00digits\n", r"x\.yaml: is not valid YAML \(unacceptable character #x0000 at position \d+\)$"),
+    (b"data: [1, 2\n", r"x\.yaml: line \d+ is not valid YAML \(.+\)$"),
+])
+def test_binary_or_broken_config_file_is_one_line(tmp_path, content, message):
+    from vitdistill.config import load_config
+    from vitdistill.errors import ConfigError
+
+    (tmp_path / "x.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(tmp_path / "x.yaml")
+    assert "\n" not in str(e.value)
