@@ -194,3 +194,43 @@ def test_binary_or_broken_config_file_is_one_line(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config(tmp_path / "x.yaml")
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- names read from JSON files
+
+
+@pytest.mark.parametrize("name", ["../../../../outside/victim", "/etc/passwd", "a/../../b", "..", ".", "", "a//b",
+                                  "C:/x", "s3://bucket/x", "a\\..\\b", 7, None, ["x"]])
+def test_join_inside_refuses_names_that_leave_the_directory(tmp_path, name):
+    from vitdistill.cache import fs
+    from vitdistill.errors import CacheError
+
+    with pytest.raises(CacheError, match=r"is not a plain relative path inside .*refusing to read, write or delete"):
+        fs.join_inside(str(tmp_path), name)
+
+
+def test_join_inside_keeps_plain_names(tmp_path):
+    from vitdistill.cache import fs
+
+    assert fs.join_inside("s3://b/ckpt", "step-00000004.pt") == "s3://b/ckpt/step-00000004.pt"
+    assert fs.join_inside(str(tmp_path), "sub/x..y.pt") == f"{tmp_path}/sub/x..y.pt"
+
+
+def test_tampered_latest_json_never_reaches_a_file_outside(tmp_path):
+    import json
+
+    from vitdistill.distill.trainer import latest_checkpoint
+    from vitdistill.errors import CacheError
+
+    ckpt = tmp_path / "run" / "a" / "b" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    victim = tmp_path / "outside" / "victim"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    (ckpt / "latest.json").write_text(json.dumps({"name": "../../../../outside/victim", "step": 4}))
+    with pytest.raises(CacheError, match=r"latest\.json: name '\.\./\.\./\.\./\.\./outside/victim' is not a plain"):
+        latest_checkpoint(str(ckpt))
+    assert victim.read_text() == "precious"
+    (ckpt / "latest.json").write_text(json.dumps({"name": "step-00000004.pt", "step": 4}))
+    (ckpt / "step-00000004.pt").write_bytes(b"")
+    assert latest_checkpoint(str(ckpt)) == f"{ckpt}/step-00000004.pt"

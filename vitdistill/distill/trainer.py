@@ -301,10 +301,12 @@ class Trainer:
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """The checkpoint ``latest.json`` points at, if both exist."""
+    """The checkpoint ``latest.json`` points at, if both exist; a name leading outside ``ckpt_dir`` is a
+    CacheError (the caller would load or delete that file)."""
+    latest = fs.join(ckpt_dir, "latest.json")
     try:
-        name = fs.read_json(fs.join(ckpt_dir, "latest.json"))["name"]
+        name = fs.read_json(latest)["name"]
     except (FileNotFoundError, KeyError, TypeError):
         return None
-    url = fs.join(ckpt_dir, name)
+    url = fs.join_inside(ckpt_dir, name, where=latest)
     return url if fs.exists(url) else None
