@@ -234,3 +234,117 @@ def test_tampered_latest_json_never_reaches_a_file_outside(tmp_path):
     (ckpt / "latest.json").write_text(json.dumps({"name": "step-00000004.pt", "step": 4}))
     (ckpt / "step-00000004.pt").write_bytes(b"")
     assert latest_checkpoint(str(ckpt)) == f"{ckpt}/step-00000004.pt"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+SECRET_URI = "postgresql://user:password@host/db"
+
+
+@pytest.mark.parametrize("text, masked", [
+    (SECRET_URI, "postgresql://user:***@host/db"),
+    ("http://u:p@ss@h:5000/x and a@b.com", "http://u:***@h:5000/x and a@b.com"),
+    ("x: 'mysql+pymysql://a:b@c/d'", "x: 'mysql+pymysql://a:***@c/d'"),
+    ("redis://:pw@h", "redis://:***@h"),
+    ("http://host:5000/x s3://bucket/k sqlite:///mlflow.db", "http://host:5000/x s3://bucket/k sqlite:///mlflow.db"),
+])
+def test_redact_uri(text, masked):
+    from vitdistill.redact import redact, redact_uri
+
+    assert redact_uri(text) == masked
+    assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
+
+
+def test_credentials_reach_no_param_artifact_or_report(tmp_path):
+    from tests.test_report import _log_pipeline
+    from vitdistill.config import load_config
+    from vitdistill.report import build_report
+    from vitdistill.tracking import Tracker
+
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "teacher.name=test_vit",
+                             "student.name=vit22b_tiny", "data.source=shapes",
+                             f"tracking.server_backend_store_uri={SECRET_URI}",
+                             f"tracking.server_artifacts_destination=s3://user:password@minio/b"])
+    tracker = Tracker(cfg.tracking)
+    parent, _ = _log_pipeline(tracker, {"evaluate": {"metrics": {"teacher/calibration/ece": 0.1,
+                                                                 "student/calibration/ece": 0.05}}},
+                              finish_parent=False)
+    tracker.log_config(parent, cfg)
+    tracker.set_tags(parent, {"note": SECRET_URI})
+    tracker.end_run(parent)
+    run = tracker.client.get_run(parent)
+    logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+    config_text = open(tracker.client.download_artifacts(parent, "config.yaml", str(tmp_path))).read()
+    assert "user:***@host/db" in run.data.params["tracking.server_backend_store_uri"] and "user:***@host" in config_text
+    result = build_report(tracker, parent, str(tmp_path / "reports"))
+    page = open(result.html_path, encoding="utf-8").read()
+    for where, text in (("params and tags", logged), ("config.yaml", config_text), ("report", page)):
+        assert "password" not in text, where
+
+
+def test_report_masks_credentials_logged_before_redaction(tmp_path):
+    from tests.test_report import _log_pipeline
+    from vitdistill.config import TrackingConfig
+    from vitdistill.report import build_report
+    from vitdistill.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    parent, _ = _log_pipeline(tracker, {"evaluate": {"metrics": {"teacher/calibration/ece": 0.1}}},
+                              finish_parent=False)
+    tracker.client.log_text(parent, f"tracking:\n  server_backend_store_uri: {SECRET_URI}\n", "config.yaml")
+    tracker.client.log_param(parent, "tracking.server_backend_store_uri", SECRET_URI)  # raw, as an old run has it
+    tracker.end_run(parent)
+    page = open(build_report(tracker, parent, str(tmp_path / "r")).html_path, encoding="utf-8").read()
+    assert "password" not in page and "user:***@host/db" in page
+
+
+def test_mlflow_health_check_accepts_credentials_and_never_shows_them():
+    import base64
+    import http.server
+    import threading
+
+    from vitdistill.errors import ConfigError
+    from vitdistill.tracking import check_server
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        check_server(f"http://user:password@127.0.0.1:{port}")
+        assert seen == [("/health", "Basic " + base64.b64encode(b"user:password").decode())]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ConfigError, match=r"at http://user:\*\*\*@127\.0\.0\.1:\d+ \(") as e:
+        check_server(f"http://user:password@127.0.0.1:{port}", timeout=1)
+    assert "password" not in str(e.value)
+
+
+def test_cli_messages_mask_credentials(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "PREFECT_API_URL": f"http://user:password@127.0.0.1:{free_port()}/api"}
+    r = subprocess.run([sys.executable, "-m", "vitdistill_cli.main", "extract"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 2 and "PREFECT_API_URL=http://user:***@127.0.0.1" in r.stderr
+    assert "password" not in r.stderr + r.stdout
+    r = subprocess.run([sys.executable, "-m", "vitdistill_cli.main", "config", "show", "--set",
+                        f"tracking.server_backend_store_uri={SECRET_URI}"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "postgresql://user:***@host/db" in r.stdout and "password" not in r.stdout

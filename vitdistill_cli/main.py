@@ -99,7 +99,9 @@ def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
     except BaseException as e:  # every failure becomes one line on stderr
         from vitdistill.errors import VitdistillError
 
-        err.print(f"[bold red]error:[/] {_one_line(e)}", highlight=False, soft_wrap=True)
+        from vitdistill.redact import redact_uri
+
+        err.print(f"[bold red]error:[/] {redact_uri(_one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(e, VitdistillError) else 1) from None
 
 
@@ -144,6 +146,7 @@ def _summary(result: dict) -> None:
 def check_prefect_api(required: bool = False) -> str | None:
     """One line telling what to start or set when the Prefect API is missing or unreachable."""
     from vitdistill.errors import ConfigError
+    from vitdistill.redact import redact_uri
     from vitdistill_cli.stack import http_ok
 
     api = os.environ.get("PREFECT_API_URL")
@@ -153,7 +156,7 @@ def check_prefect_api(required: bool = False) -> str | None:
                               "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
         return None
     if not http_ok(f"{api.rstrip('/')}/health", timeout=5):
-        raise ConfigError(f"cannot reach the Prefect API at PREFECT_API_URL={api}; start it with `vitdistill up` or "
+        raise ConfigError(f"cannot reach the Prefect API at PREFECT_API_URL={redact_uri(api)}; start it with `vitdistill up` or "
                           "`prefect server start`, or unset PREFECT_API_URL to run on an ephemeral API")
     return api
 
@@ -329,15 +332,16 @@ def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline | extract | p
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, flat: Annotated[bool, typer.Option("--flat", help="dotted.key = value lines")] = False,
                 debug: DebugOpt = False) -> None:
-    """Print the resolved config (defaults <- file <- --set) as YAML."""
+    """Print the resolved config (defaults <- file <- --set) as YAML, passwords in URIs masked."""
     from vitdistill.config import flatten, to_yaml
+    from vitdistill.redact import redact, redact_uri
 
     cfg = _guard(debug, lambda: _load(config, set_))
     if flat:
         for k, v in flatten(cfg).items():
-            out.print(f"{k} = {v!r}", highlight=False)
+            out.print(f"{k} = {redact(v)!r}", highlight=False)
     else:
-        out.print(to_yaml(cfg), highlight=False, end="")
+        out.print(redact_uri(to_yaml(cfg)), highlight=False, end="")
 
 
 @config_app.command("validate")
