@@ -4,6 +4,7 @@ logs, bad paths. Each bad input fails with one line naming the file, key or fiel
 from __future__ import annotations
 
 import gzip
+import re
 import io
 
 import pytest
@@ -348,3 +349,31 @@ def test_cli_messages_mask_credentials(tmp_path):
                         f"tracking.server_backend_store_uri={SECRET_URI}"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and "postgresql://user:***@host/db" in r.stdout and "password" not in r.stdout
+
+
+# --------------------------------------------------------------------------- --json targets
+
+
+def _cli(args, cwd, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vitdistill_cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("outdir", r"^error: --json .*outdir: is a directory; expected the path of a file to write$"),
+    ("afile/r.json", r"^error: --json .*afile/r\.json: .*afile is not a directory; expected the path of a file"),
+    pytest.param("locked/r.json", r"^error: --json .*locked/r\.json: cannot write there", marks=pytest.mark.skipif(
+        hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0, reason="root writes anywhere")),
+])
+def test_unusable_json_path_fails_before_any_work(tmp_path, target, message):
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    r = _cli(["extract", "--json", str(tmp_path / target)], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and re.match(message, r.stderr.strip()), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "vitdistill-cache").exists()  # nothing was started
+    assert not [p for p in tmp_path.rglob("*.tmp")]

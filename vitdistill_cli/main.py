@@ -46,7 +46,31 @@ err = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML config file (an instance of the config tree).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: dotted.key=value (repeatable).")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the command's result (metrics, paths, run ids) as JSON.")]
+def _json_target(path: Path | None) -> Path | None:
+    """``--json PATH`` is checked when the command line is parsed, before any work: a directory, or a
+    place where no file can be created, is one line and exit code 2."""
+    if path is None:
+        return None
+    if path.is_dir():
+        _fail_usage(f"--json {path}: is a directory; expected the path of a file to write")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        _fail_usage(f"--json {path}: {ancestor} is not a directory; expected the path of a file to write")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(ancestor, os.W_OK | os.X_OK)
+    if not writable:
+        _fail_usage(f"--json {path}: cannot write there (permission denied or read-only); choose another path")
+    return path
+
+
+def _fail_usage(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", callback=_json_target,
+                                                 help="Write the command's result (metrics, paths, run ids) as JSON.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and Prefect's error logs.")]
 
 
@@ -114,10 +138,15 @@ def _load(config: Path | None, sets: list[str] | None):
 def _write_json(path: Path | None, result: Any) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # checked up front (_json_target); this is the path changing under us
+        _fail_usage(f"--json {path}: cannot write the result ({e.strerror or e})")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- stages
