@@ -377,3 +377,90 @@ def test_unusable_json_path_fails_before_any_work(tmp_path, target, message):
     assert r.stderr.strip().count("\n") == 0 and re.match(message, r.stderr.strip()), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "vitdistill-cache").exists()  # nothing was started
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _folder_ds(root, *sets):
+    from vitdistill.config import load_config
+    from vitdistill.data.datasets import create_dataset
+
+    return create_dataset(load_config(None, ["data.source=folder", f"data.path={root}", *sets]).data)
+
+
+@pytest.mark.timeout(60)  # before the fix, reading the FIFO blocked forever
+def test_fifo_named_png_never_hangs_ingestion(tmp_path):
+    import os
+
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    os.mkfifo(root / "cat" / "pipe.png")
+    with pytest.raises(DataError, match=r"cat/pipe\.png: a FIFO, not an image file; remove it, or set "
+                                         r"data\.on_error=skip"):
+        list(_folder_ds(root))
+    ds = _folder_ds(root, "data.on_error=skip")
+    assert len(list(ds)) == 4 and ds.skipped == ["cat/pipe.png"]
+
+
+def test_caption_rows_naming_no_image_are_an_error(tmp_path):
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    (root / "captions.csv").write_text("file,caption\ncat/img.1.png,a cat\ndog/img.0.png,a dog\ndog/img.9.png,typo\n")
+    with pytest.raises(DataError, match=r"captions\.csv: 1 of 3 rows name no image in the class folders "
+                                         r"\(first: 'dog/img\.9\.png'\); 'file' is relative to "):
+        _folder_ds(root)
+    (root / "captions.csv").unlink()
+    (root / "captions.jsonl").write_text('{"file": "cat/nope.png", "caption": "x"}\n')
+    with pytest.raises(DataError, match=r"captions\.jsonl: 1 of 1 rows name no image .*first: 'cat/nope\.png'"):
+        _folder_ds(root)
+
+
+BINARY = b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("cat/img.0.txt", BINARY, r"cat/img\.0\.txt: not UTF-8 text \(byte \d+ is 0x[0-9a-f]{2}\); expected a text file$"),
+    ("cat/img.0.txt", b"a cat\x00\x00", r"cat/img\.0\.txt: contains NUL bytes"),
+    ("captions.csv", BINARY, r"captions\.csv: not UTF-8 text"),
+    ("captions.csv", b"file,caption\ncat/img.1.png\n", r"captions\.csv:2: expected a row with a 'file' and a 'caption'"),
+    ("captions.csv", b"name,text\n", r"captions\.csv: expected a header with columns 'file' and 'caption'"),
+    ("captions.jsonl", BINARY, r"captions\.jsonl: not UTF-8 text"),
+    ("captions.jsonl", b'{"file": "cat/img.1.png", "caption": 3}\n', r"captions\.jsonl:1: expected a JSON object"),
+    ("captions.jsonl", b"[1, 2]\n", r"captions\.jsonl:1: expected a JSON object with string 'file' and 'caption'"),
+])
+def test_bad_caption_files_are_one_line_naming_the_file(tmp_path, name, content, message):
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    (root / name).write_bytes(content)
+    with pytest.raises(DataError, match=message) as e:
+        list(_folder_ds(root))
+    assert "\n" not in str(e.value)
+
+
+def test_non_utf8_class_folder_is_one_line(tmp_path):
+    import os
+
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=1)
+    os.mkdir(os.path.join(os.fsencode(root), b"caf\xe9"))
+    with pytest.raises(DataError, match=r"class folder name 'caf\\xe9' is not valid UTF-8; rename it"):
+        _folder_ds(root)
+
+
+def test_binary_classes_txt_beside_shards_is_one_line(make_cfg, tmp_path):
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    _shard(tmp_path / "a.tar", 2)
+    (tmp_path / "classes.txt").write_bytes(BINARY)
+    with pytest.raises(DataError, match=r"classes\.txt: not UTF-8 text \(byte \d+ is 0x"):
+        resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar"), progress=False)

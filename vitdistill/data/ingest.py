@@ -17,7 +17,7 @@ from braceexpand import braceexpand
 from vitdistill.cache import fs
 from vitdistill.cache.tario import TarShardWriter
 from vitdistill.config import VitdistillConfig
-from vitdistill.data.datasets import RawSample, create_dataset
+from vitdistill.data.datasets import RawSample, create_dataset, decode_text
 from vitdistill.errors import DataError
 from vitdistill.progress import progress_bar
 
@@ -171,7 +171,7 @@ def _wds_classes(first_url: str) -> list[str] | None:
     """Class names for existing shards from an optional ``classes.txt`` beside them."""
     url = fs.join(first_url.rsplit("/", 1)[0], "classes.txt") if "/" in first_url else "classes.txt"
     try:
-        names = [ln.strip() for ln in fs.read_bytes(url).decode().splitlines() if ln.strip()]
+        names = [ln.strip() for ln in decode_text(fs.read_bytes(url), url).splitlines() if ln.strip()]
     except FileNotFoundError:
         return None
     return names or None
