@@ -181,6 +181,7 @@ def straight_run(tmp_path_factory):
     return run_distill(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(make_cfg, straight_run):
     cfg = make_cfg(*TINY)
     with pytest.raises(KeyboardInterrupt):
@@ -194,6 +195,7 @@ def test_resume_matches_an_uninterrupted_run(make_cfg, straight_run):
         assert straight_run.metrics[k] == resumed.metrics[k], k
 
 
+@pytest.mark.slow  # shares the straight_run fixture (~1-2 min) with the resume test
 def test_online_distillation_end_to_end_beats_chance(straight_run):
     m = straight_run.metrics
     assert m["student_top1"] > 0.4  # 10 classes: chance is 0.1
@@ -263,6 +265,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, out_dir: str) 
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_agree(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
