@@ -11,6 +11,7 @@ mtime, owner and mode), so the same samples always give the same bytes and the s
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import lzma
@@ -77,8 +78,6 @@ class _TailReader:
 
 def _decompressed(fileobj: IO[bytes]) -> IO[bytes]:
     """The tar stream inside ``fileobj``: as is, or through gzip / bz2 / xz by magic number."""
-    import bz2
-
     head = fileobj.read(6)
     raw = _Prefixed(head, fileobj)
     if head.startswith(b"\x1f\x8b"):
@@ -117,7 +116,11 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str) -> Iterator[tuple[str, dict
     seen: set[str] = set()
     key: str | None = None
     fields: dict[str, bytes] = {}
-    where = ""
+
+    def unreadable(what: str, detail: str = "") -> UnreadableShardError:
+        after = f" after key {key!r}" if key else ""
+        return UnreadableShardError(f"{shard}: {what}{after}{f' ({detail})' if detail else ''}")
+
     try:
         stream = _TailReader(_decompressed(fileobj))
         with tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -143,21 +146,16 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str) -> Iterator[tuple[str, dict
                     key, fields = k, {}
                 data = tar.extractfile(member)
                 fields[field] = data.read() if data is not None else b""
-            where = f" after key {key!r}" if key else ""
             if stream.block_at(tar.offset, 2 * _BLOCK) != bytes(2 * _BLOCK):
-                raise UnreadableShardError(
-                    f"{shard}: truncated tar shard{where} (no end-of-archive marker at byte {tar.offset})"
-                )
+                raise unreadable("truncated tar shard", f"no end-of-archive marker at byte {tar.offset}")
     except _CORRUPT as e:
-        where = f" after key {key!r}" if key else ""
-        raise UnreadableShardError(f"{shard}: not a readable tar shard{where} ({e})") from None
+        raise unreadable("not a readable tar shard", str(e)) from None
     except EOFError:
-        where = f" after key {key!r}" if key else ""
-        raise UnreadableShardError(f"{shard}: truncated tar shard{where}") from None
+        raise unreadable("truncated tar shard") from None
     except OSError as e:
-        if type(e) is not OSError:  # bz2's "Invalid data stream"; a network or disk error is no shard's fault
+        if type(e) is not OSError:  # plain OSError is bz2's "Invalid data stream"; a network error is no shard's fault
             raise
-        raise UnreadableShardError(f"{shard}: not a readable tar shard ({e})") from None
+        raise unreadable("not a readable tar shard", str(e)) from None
     if key is not None:
         yield key, fields
 
