@@ -183,8 +183,9 @@ def test_valid_devices_pass(device):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"x\.yaml: not a UTF-8 text file \(byte \d+ is 0x[0-9a-f]{2}\); expected a YAML config$"),
-    (b"data:\n  source: \x00digits\n", r"x\.yaml: is not valid YAML \(unacceptable character #x0000 at position \d+\)$"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"x\.yaml: not UTF-8 text \(byte \d+ is 0x[0-9a-f]{2}\); expected a YAML config$"),
+    (b"data:\n  source: \x00digits\n", r"x\.yaml: contains NUL bytes \(binary data\?\); expected a YAML config$"),
+    (b"data:\n  source: \x07digits\n", r"x\.yaml: is not valid YAML \(unacceptable character #x0007 at position \d+\)$"),
     (b"data: [1, 2\n", r"x\.yaml: line \d+ is not valid YAML \(.+\)$"),
 ])
 def test_binary_or_broken_config_file_is_one_line(tmp_path, content, message):

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitdistill.errors import ConfigError
+from vitdistill.textfile import decode_text
 
 
 class Section(BaseModel):
@@ -368,12 +369,10 @@ def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
 def _read_yaml(p: Path) -> Any:
     """The YAML document in ``p``; an unreadable, binary or invalid file is one ConfigError naming it."""
     try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start} is 0x{e.object[e.start]:02x}); "
-                          "expected a YAML config") from None
+        data = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+    text = decode_text(data, str(p), ConfigError, expected="a YAML config")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

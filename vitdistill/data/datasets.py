@@ -25,6 +25,7 @@ from PIL import Image
 from vitdistill.config import DataConfig
 from vitdistill.errors import DataError
 from vitdistill.registry import Registry
+from vitdistill.textfile import decode_text
 
 IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
 _FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": None, ".gif": None}
@@ -133,17 +134,6 @@ class ShapesDataset(ImageDataset):
             "size": self.cfg.image_size,
             "version": getattr(self._shapes, "GENERATOR_VERSION", 1),
         }
-
-
-def decode_text(data: bytes, where: str) -> str:
-    """UTF-8 text (a BOM allowed) from a caption or class-list file; binary content is a DataError naming it."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); expected a text file") from None
-    if "\x00" in text:
-        raise DataError(f"{where}: contains NUL bytes (binary data?); expected a text file")
-    return text
 
 
 def read_text(path: str) -> str:

@@ -17,9 +17,10 @@ from braceexpand import braceexpand
 from vitdistill.cache import fs
 from vitdistill.cache.tario import TarShardWriter
 from vitdistill.config import VitdistillConfig
-from vitdistill.data.datasets import RawSample, create_dataset, decode_text
+from vitdistill.data.datasets import RawSample, create_dataset
 from vitdistill.errors import DataError
 from vitdistill.progress import progress_bar
+from vitdistill.textfile import decode_text
 
 INGEST_FORMAT = 1
 
