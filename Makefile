@@ -1,12 +1,13 @@
 # The two commands a new machine needs (each creates the virtualenv it needs first):
 #   make demo   - the whole pipeline on embedded defaults (ephemeral Prefect, sqlite MLflow, digits)
 #   make test   - the test suite, exactly as CI runs it
+#   make test-fast - everything but the tests marked slow or integration (a few minutes on a laptop)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -m "not slow and not integration"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_extract.py

@@ -131,7 +131,7 @@ def run_stages(config: VitdistillConfig, target: str) -> dict:
         "target": target,
         "mlflow_run_id": parent,
         "mlflow_experiment_id": tracker.experiment_id,
-        "tracking_uri": tracker.uri,
+        "tracking_uri": tracker.display_uri,
         "mlflow_run_url": tracker.run_url(parent),
         "mlflow_ui": tracker.ui_command(),
         "stages": [r.to_dict() for r in results],

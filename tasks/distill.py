@@ -16,6 +16,7 @@ from tasks._common import artifact_key
 from vitdistill.config import VitdistillConfig, to_yaml
 from vitdistill.distill.stage import log_report, run_distill
 from vitdistill.errors import VitdistillError
+from vitdistill.redact import redact_uri
 from vitdistill.stages import StageResult
 from vitdistill.tracking import get_tracker
 
@@ -32,7 +33,7 @@ def _torchrun(config: VitdistillConfig, run_id: str) -> dict:
                "-m", "vitdistill.distill.stage", "-c", cfg_path, "--run-id", run_id, "--result", result_path]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            last = redact_uri((proc.stderr.strip().splitlines() or ["no output"])[-1])
             raise VitdistillError(f"distillation under torchrun ({config.distill.nproc} processes) failed: {last}")
         with open(result_path) as f:
             return json.load(f)

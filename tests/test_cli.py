@@ -62,6 +62,7 @@ def test_config_show_applies_sets(cli_env, tmp_path):
     assert r.returncode == 0 and "ok" in r.stdout
 
 
+@pytest.mark.slow
 def test_list_registries(cli_env, tmp_path):
     r = cli(["list", "teachers"], cli_env, tmp_path)
     assert r.returncode == 0 and "effnet_lite0_imagenet" in r.stdout and "timm" in r.stdout
@@ -75,6 +76,7 @@ def test_list_registries(cli_env, tmp_path):
     assert "kd" in r.stdout and "softmax" in r.stdout
 
 
+@pytest.mark.slow
 def test_bad_input_during_a_run_is_one_line(cli_env, tmp_path):
     r = cli(["extract", "--set", "data.source=folder", "--set", f"data.path={tmp_path}/nope"], cli_env, tmp_path)
     assert r.returncode == 2

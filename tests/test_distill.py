@@ -182,6 +182,7 @@ def straight_run(tmp_path_factory):
     return run_distill(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(make_cfg, straight_run):
     cfg = make_cfg(*TINY)
     with pytest.raises(KeyboardInterrupt):
@@ -208,6 +209,7 @@ def test_streamed_cached_run_with_worker_processes_resumes_mid_epoch_to_identica
     assert straight.metrics["student_top1"] == resumed.metrics["student_top1"]
 
 
+@pytest.mark.slow  # shares the straight_run fixture (~1-2 min) with the resume test
 def test_online_distillation_end_to_end_beats_chance(straight_run):
     m = straight_run.metrics
     assert m["student_top1"] > 0.4  # 10 classes: chance is 0.1
@@ -279,6 +281,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, root: str, out_dir: str) 
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_agree(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

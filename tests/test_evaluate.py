@@ -245,8 +245,26 @@ def test_bad_input_raises_data_error(name):
         list(evaluator.run(classifier, images, labels[:5], **extra))
 
 
-def test_fakes_satisfy_the_classifier_protocol():
-    assert isinstance(OracleClassifier(np.zeros(1, int), 2), Classifier)
+def test_product_classifiers_satisfy_the_classifier_protocol():
+    """What the evaluate stage passes to evaluators (the student wrapper) has the protocol's predict."""
+    import inspect
+
+    import torch
+
+    from vitdistill.evaluate.stage import StudentClassifier
+
+    class Student(torch.nn.Module):
+        img_size, mean, std = 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+        def forward(self, x):
+            return {"logits": x.flatten(1)[:, :3]}
+
+    wrapped = StudentClassifier(Student())
+    assert isinstance(wrapped, Classifier)
+    assert list(inspect.signature(wrapped.predict).parameters) == list(
+        inspect.signature(Classifier.predict).parameters)[1:]
+    logits = wrapped.predict(np.zeros((2, 12, 12, 3), np.uint8))
+    assert logits.shape == (2, 3) and logits.dtype == np.float32
 
 
 def test_patch_shuffle_only_moves_tiles():

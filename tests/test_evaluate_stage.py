@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vitdistill.data.ingest import resolve_inputs
@@ -34,10 +35,25 @@ def test_evaluate_stage_on_shapes_with_teacher_and_student(make_cfg):
     report = run_evaluate(cfg, plan.cache_dir, TinyStudent())
     m = report.metrics
     for who in ("teacher", "student"):
-        assert 0.0 <= m[f"{who}/shape_bias/shape_bias"] <= 1.0 or np.isnan(m[f"{who}/shape_bias/shape_bias"])
-        assert 0.0 <= m[f"{who}/calibration/ece"] <= 1.0
+        # shape bias = shape hits / (shape + texture hits), the hits recovered from the logged match rates
+        sb = {k: m[f"{who}/shape_bias/{k}"] for k in ("shape_bias", "shape_match", "texture_match", "n_used",
+                                                       "n_conflict")}
+        shape_hits, texture_hits = sb["shape_match"] * sb["n_conflict"], sb["texture_match"] * sb["n_conflict"]
+        assert sb["n_conflict"] == 30 and sb["n_used"] > 0  # 36 images, 6 congruent
+        assert shape_hits + texture_hits == pytest.approx(sb["n_used"])
+        assert sb["shape_bias"] == pytest.approx(shape_hits / sb["n_used"])
+        # ECE = sum over bins of (share of images) * |accuracy - confidence|, from the logged reliability bins
+        bins = [b for b in report.tables[f"{who}_calibration_reliability"] if b["count"]]
+        n = sum(b["count"] for b in bins)
+        assert n == min(40, len(test.labels))  # evaluate.max_images caps the test split
+        ece = sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in bins)
+        assert m[f"{who}/calibration/ece"] == pytest.approx(ece, abs=1e-6)
         assert f"{who}/robustness/accuracy/jpeg/3" in m and f"{who}/robustness/accuracy/jpeg/2" not in m
-        assert m[f"{who}/subgroup/accuracy_gap"] >= 0
+        # the gap is max - min over the per-colour accuracies, the worst group the min
+        groups = [v for k, v in m.items() if k.startswith(f"{who}/subgroup/accuracy/")]
+        assert len(groups) > 1
+        assert m[f"{who}/subgroup/accuracy_gap"] == pytest.approx(max(groups) - min(groups))
+        assert m[f"{who}/subgroup/worst_group_accuracy"] == pytest.approx(min(groups))
     assert {r["metric"] for r in report.tables["teacher_vs_student"]} >= {"calibration/ece", "shape_bias/shape_bias"}
     assert "teacher_calibration_reliability.png" in report.figures and "shape bias" in report.headline
 

@@ -175,6 +175,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_after_kill_has_every_key_once(tmp_path):
     sets = [f"cache.root={tmp_path}/cache", "data.limit=192", "data.shard_samples=24", "teacher.batch_size=8"]
     script = tmp_path / "x.py"
@@ -327,6 +328,7 @@ def test_reader_detects_manifest_disagreement(make_cfg):
         FeatureCache.open(plan.cache_dir + "-nope")
 
 
+@pytest.mark.slow
 def test_shard_roll_over_by_bytes(make_cfg):
     # float32 64-d emb + 1000 logits ~ 6.5 kB per sample: 1 MB parts hold ~150 samples
     _, manifest, fc = run_extract(make_cfg("data.limit=400", "data.shard_samples=400", "cache.dtype=float32",
@@ -392,6 +394,7 @@ def test_shard_writer_is_byte_identical_to_tarfile(tmp_path):
         assert t.getnames() == [f"{long_key}.cls"]
 
 
+@pytest.mark.slow
 def test_two_concurrent_extractions_into_one_cache(tmp_path):
     """Two processes extract the same cache at once: a valid cache, every key once, no torn shard."""
     sets = [f"cache.root={tmp_path}/cache", "data.limit=160", "data.shard_samples=20", "teacher.batch_size=8"]

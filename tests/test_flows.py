@@ -15,6 +15,7 @@ def test_stage_dependencies():
         stages_to_run("nope")
 
 
+@pytest.mark.slow
 def test_extract_flow_maps_shards_and_tags_runs(prefect_harness, make_cfg, tmp_path):
     cfg = make_cfg("data.limit=60", "data.shard_samples=20", "orchestration.max_workers=2")
     result = extract_flow(cfg)
@@ -68,6 +69,7 @@ def test_probe_flow_creates_prefect_table_artifacts(prefect_harness, make_cfg):
     assert per_class.type == "table" and "recall" in str(per_class.data)
 
 
+@pytest.mark.slow
 def test_probe_results_are_cached_across_runs_on_inputs(prefect_harness, make_cfg):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName

@@ -81,9 +81,31 @@ def stack(tmp_path_factory, s3_server):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def _listening(pgids: set[int]) -> set[tuple[str, int]]:
+    """``(ip, port)`` of every TCP socket in LISTEN state held by a process of these process groups."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) in pgids:
+                pids.add(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
 def test_servers_bind_to_loopback(stack):
+    """The sockets the running servers actually listen on, not the URLs they were told to use."""
     info = stack["info"]
-    assert info["prefect_url"].startswith("http://127.0.0.1:") and info["mlflow_url"].startswith("http://127.0.0.1:")
+    servers = {p["name"]: p["pgid"] for p in info["processes"] if p["name"] in ("prefect-server", "mlflow-server")}
+    assert set(servers) == {"prefect-server", "mlflow-server"}
+    for name, pgid in servers.items():
+        bound = _listening({pgid})
+        port = int(info["prefect_url" if name == "prefect-server" else "mlflow_url"].rsplit(":", 1)[1])
+        assert ("127.0.0.1", port) in bound, (name, bound)
+        assert all(ip in ("127.0.0.1", "::1") for ip, _ in bound), (name, bound)  # nothing on 0.0.0.0 or a NIC
 
 
 def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):

@@ -346,6 +346,7 @@ def test_sigmoid_loss_trains_too(tmp_path):
     assert "bias" in report.metrics and report.metrics["zeroshot_top1"] > report.metrics["chance_top1"] + 0.3
 
 
+@pytest.mark.slow
 def test_lit_on_real_shapes_cache(shapes_cache):
     data = load_lit_data(shapes_cache)
     train_combos = {(m["colour"], m["shape"]) for m in data.train.meta + data.val.meta}

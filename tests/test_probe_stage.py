@@ -23,6 +23,7 @@ def cache_of(cfg) -> str:
 FAST_PROBE = ProbeConfig(fewshot_shots=[1, 5], fewshot_seeds=[0, 1], knn_k=[5])
 
 
+@pytest.mark.slow
 def test_real_teacher_features_probe_well_on_digits(make_cfg):
     cache = cache_of(make_cfg("data.limit=600", fast_teacher=False))
     report = probe_cache(cache, FAST_PROBE)

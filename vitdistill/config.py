@@ -11,6 +11,7 @@ chosen so that ``vitdistill run`` with no arguments works offline on a laptop CP
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitdistill.errors import ConfigError
+from vitdistill.textfile import decode_text
 
 
 class Section(BaseModel):
@@ -36,6 +38,23 @@ def check_uri(value: str | None) -> str | None:
         if scheme not in known:
             common = ", ".join(s for s in ("file", "s3", "gs", "az", "hf", "memory") if s in known)
             raise ValueError(f"unsupported URI scheme {scheme!r} in {value!r} (supported include {common})")
+    return value
+
+
+def check_root(value: str) -> str:
+    """A directory or URI to write under: never empty, which would resolve to the filesystem root."""
+    if not value.strip():
+        raise ValueError(f"expected a directory or URI such as ./vitdistill-cache, got {value!r} (an empty root "
+                         "would write to /)")
+    return check_uri(value)
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(value: str) -> str:
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
     return value
 
 
@@ -87,7 +106,7 @@ class TeacherConfig(Section):
         "(ViTs) or its pooled map (CNNs), stored as layers.npy and probed per layer"
     )
     batch_size: int = Field(32, ge=1, description="images per teacher forward pass")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype on GPU; CPU uses fp32")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: all cores)")
     num_workers: int | None = Field(
@@ -104,6 +123,8 @@ class TeacherConfig(Section):
             raise ValueError(f"teacher.layers={v}: expected a non-empty list of distinct block indices")
         return v
 
+    _device = field_validator("device")(lambda cls, v: check_device(v))
+
 
 class CacheConfig(Section):
     root: str = Field("./vitdistill-cache", description="local dir or s3://bucket/prefix for shards and caches")
@@ -114,7 +135,7 @@ class CacheConfig(Section):
     logits_topk: int | None = Field(None, ge=1, description="store only the top-k logits (and their indices)")
     verify: bool = Field(False, description="re-hash finished shards on resume instead of trusting size + record")
 
-    _uri = field_validator("root")(lambda cls, v: check_uri(v))
+    _uri = field_validator("root")(lambda cls, v: check_root(v))
 
 
 class ProbeConfig(Section):
@@ -218,7 +239,7 @@ class DistillConfig(Section):
         "checkpointed; the EMA is the student that is evaluated and returned (none: no EMA)"
     )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on GPU; CPU trains in fp32")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (under torchrun: the local rank's GPU)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (under torchrun: the local rank's GPU)")
     alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="weight of the ground-truth cross-entropy; 1 - alpha goes to distillation"
     )
@@ -277,6 +298,8 @@ class DistillConfig(Section):
     )
     seed: int = Field(0, description="seeds the student's weights, the data order and the views")
 
+    _device = field_validator("device")(lambda cls, v: check_device(v))
+
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         lo, hi = self.crop_scale
@@ -312,7 +335,7 @@ class ReportConfig(Section):
     out_dir: str = Field("./reports", description="local dir or s3://bucket/prefix; a report goes to <out_dir>/<run_id>/")
     stage_figures: bool = Field(True, description="also embed the figures each stage logged (confusions, curves...)")
 
-    _uri = field_validator("out_dir")(lambda cls, v: check_uri(v))
+    _uri = field_validator("out_dir")(lambda cls, v: check_root(v))
 
 
 class TrackingConfig(Section):
@@ -415,20 +438,25 @@ def _apply(tree: dict, path: list[str], value: Any, origin: str) -> None:
     node[path[-1]] = value
 
 
-def _read_yaml(p: Path) -> dict:
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+def _read_yaml(p: Path) -> Any:
+    """The YAML document in ``p``; an unreadable, binary or invalid file is one ConfigError naming it."""
     try:
-        loaded = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
+    text = decode_text(data, str(p), ConfigError, expected="a YAML config")
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
-    return loaded
+        if isinstance(e, yaml.reader.ReaderError):
+            problem = f"unacceptable character #x{e.character:04x} at position {e.position}"
+        else:
+            problem = getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__
+        raise ConfigError(f"{p}:{where} is not valid YAML ({' '.join(str(problem).split())})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -445,8 +473,15 @@ def load_config(path: str | os.PathLike | list | tuple | None = None,
     overrides, validated once."""
     paths = [] if path is None else [path] if isinstance(path, (str, os.PathLike)) else list(path)
     tree: dict = {}
-    for p in paths:
-        tree = _merge(tree, _read_yaml(Path(p)))
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        loaded = _read_yaml(p)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        tree = _merge(tree, loaded)
     origin = " + ".join(str(p) for p in paths) or "config"
     for item in overrides:
         keys, value = parse_override(item)

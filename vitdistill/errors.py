@@ -24,6 +24,11 @@ class CacheError(VitdistillError):
     """A feature cache is missing, stale, corrupt or inconsistent with its manifest."""
 
 
+class TrainingError(VitdistillError):
+    """Training cannot go on: a non-finite loss (naming the step and what to lower), or a checkpoint that
+    does not fit the run (raised by :class:`vitdistill.trainer.Trainer`, for LiT and distillation alike)."""
+
+
 class RegistryError(VitdistillError, KeyError):
     """A plug-in name is not registered."""
 

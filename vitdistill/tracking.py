@@ -5,6 +5,8 @@ worker threads or processes. A flow run opens one parent run; each stage opens a
 (``mlflow.parentRunId``). Params and metrics go in batches.
 
 Default tracking URI: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+Params, tags, ``config.yaml`` and every URI this module shows pass through
+:func:`vitdistill.redact.redact_uri`: a ``user:password@`` in a URI is logged as ``user:***@``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from vitdistill.config import TrackingConfig, VitdistillConfig, flatten, to_yaml
 from vitdistill.errors import ConfigError
+from vitdistill.redact import redact_uri, split_userinfo
 
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LEN = 6000
@@ -58,7 +61,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items() if v is not None])
+        self.client.log_batch(run_id, tags=[RunTag(k, redact_uri(str(v))) for k, v in tags.items() if v is not None])
 
     # ------------------------------------------------------------------ values
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -79,9 +82,9 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
     def log_config(self, run_id: str, cfg: VitdistillConfig) -> None:
-        """The resolved config: flattened as params and whole as ``config.yaml``."""
+        """The resolved config: flattened as params and whole as ``config.yaml``, credentials masked."""
         self.log_params(run_id, flatten(cfg))
-        self.client.log_text(run_id, to_yaml(cfg), "config.yaml")
+        self.client.log_text(run_id, redact_uri(to_yaml(cfg)), "config.yaml")
 
     # ------------------------------------------------------------------ artifacts
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
@@ -159,9 +162,14 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
     # ------------------------------------------------------------------ where to look
+    @property
+    def display_uri(self) -> str:
+        """The tracking URI as it may be shown or logged (credentials masked)."""
+        return redact_uri(self.uri)
+
     def run_url(self, run_id: str) -> str | None:
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+            return f"{self.display_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return None
 
     def artifact_url(self, run_id: str, path: str) -> str | None:
@@ -171,8 +179,8 @@ class Tracker:
 
     def ui_command(self) -> str:
         if self.uri.startswith(("http://", "https://")):
-            return f"open {self.uri}"
-        return f"mlflow ui --backend-store-uri {self.uri} --port 5000"
+            return f"open {self.display_uri}"
+        return f"mlflow ui --backend-store-uri {self.display_uri} --port 5000"
 
 
 def figure_png(figure: Any, dpi: int = 110) -> bytes:
@@ -182,26 +190,32 @@ def figure_png(figure: Any, dpi: int = 110) -> bytes:
     return buf.getvalue()
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with one line, instead of MLflow's minutes of retries, when the server is down."""
+def http_probe(url: str, timeout: float = 5.0) -> str | None:
+    """GET ``url``: None if it answers 2xx, else the reason. Credentials in the URL go as basic auth."""
     import urllib.error
     import urllib.request
 
+    bare, headers = split_userinfo(url)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
-            if r.status == 200:
-                return
-            reason = f"HTTP {r.status}"
+        with urllib.request.urlopen(urllib.request.Request(bare, headers=headers), timeout=timeout) as r:
+            return None if 200 <= r.status < 300 else f"HTTP {r.status}"
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", e))
+        return redact_uri(str(getattr(e, "reason", e)))
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with one line, instead of MLflow's minutes of retries, when the server is down."""
+    reason = http_probe(f"{uri.rstrip('/')}/health", timeout)
+    if reason is None:
+        return
     raise ConfigError(
-        f"cannot reach the MLflow tracking server at {uri} ({reason}); start one with `vitdistill up` or "
+        f"cannot reach the MLflow tracking server at {redact_uri(uri)} ({reason}); start one with `vitdistill up` or "
         "`mlflow server`, or unset MLFLOW_TRACKING_URI / tracking.uri to use sqlite:///mlflow.db"
     )
 
 
 def _param_str(v: Any) -> str:
-    s = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    s = redact_uri(json.dumps(v) if isinstance(v, (list, dict)) else str(v))
     return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
 
 

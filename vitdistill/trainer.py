@@ -46,14 +46,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from vitdistill.cache import fs
-from vitdistill.errors import VitdistillError
+from vitdistill.errors import TrainingError  # re-exported: the trainer raises it
 from vitdistill.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
-
-
-class TrainingError(VitdistillError):
-    """Training cannot go on: a non-finite loss (naming the step), or a checkpoint that does not fit."""
 
 
 class BatchSource(Protocol):
@@ -339,10 +335,12 @@ class Trainer:
 
 
 def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """The checkpoint ``latest.json`` points at, if both exist."""
+    """The checkpoint ``latest.json`` points at, if both exist; a name leading outside ``ckpt_dir`` is a
+    CacheError (the caller would load or delete that file)."""
+    latest = fs.join(ckpt_dir, "latest.json")
     try:
-        name = fs.read_json(fs.join(ckpt_dir, "latest.json"))["name"]
+        name = fs.read_json(latest)["name"]
     except (FileNotFoundError, KeyError, TypeError):
         return None
-    url = fs.join(ckpt_dir, name)
+    url = fs.join_inside(ckpt_dir, name, where=latest)
     return url if fs.exists(url) else None

@@ -48,7 +48,31 @@ ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
     "-c", "--config", help="YAML config file (an instance of the config tree); repeat to layer files, e.g. a data "
     "config then a recipe from configs/distill/")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: dotted.key=value (repeatable).")]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the command's result (metrics, paths, run ids) as JSON.")]
+def _json_target(path: Path | None) -> Path | None:
+    """``--json PATH`` is checked when the command line is parsed, before any work: a directory, or a
+    place where no file can be created, is one line and exit code 2."""
+    if path is None:
+        return None
+    if path.is_dir():
+        _fail_usage(f"--json {path}: is a directory; expected the path of a file to write")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        _fail_usage(f"--json {path}: {ancestor} is not a directory; expected the path of a file to write")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(ancestor, os.W_OK | os.X_OK)
+    if not writable:
+        _fail_usage(f"--json {path}: cannot write there (permission denied or read-only); choose another path")
+    return path
+
+
+def _fail_usage(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", callback=_json_target,
+                                                 help="Write the command's result (metrics, paths, run ids) as JSON.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and Prefect's error logs.")]
 
 
@@ -101,7 +125,9 @@ def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
     except BaseException as e:  # every failure becomes one line on stderr
         from vitdistill.errors import VitdistillError
 
-        err.print(f"[bold red]error:[/] {_one_line(e)}", highlight=False, soft_wrap=True)
+        from vitdistill.redact import redact_uri
+
+        err.print(f"[bold red]error:[/] {redact_uri(_one_line(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(e, VitdistillError) else 1) from None
 
 
@@ -114,10 +140,15 @@ def _load(config: list[Path] | None, sets: list[str] | None):
 def _write_json(path: Path | None, result: Any) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # checked up front (_json_target); this is the path changing under us
+        _fail_usage(f"--json {path}: cannot write the result ({e.strerror or e})")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- stages
@@ -146,6 +177,7 @@ def _summary(result: dict) -> None:
 def check_prefect_api(required: bool = False) -> str | None:
     """One line telling what to start or set when the Prefect API is missing or unreachable."""
     from vitdistill.errors import ConfigError
+    from vitdistill.redact import redact_uri
     from vitdistill_cli.stack import http_ok
 
     api = os.environ.get("PREFECT_API_URL")
@@ -155,7 +187,7 @@ def check_prefect_api(required: bool = False) -> str | None:
                               "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
         return None
     if not http_ok(f"{api.rstrip('/')}/health", timeout=5):
-        raise ConfigError(f"cannot reach the Prefect API at PREFECT_API_URL={api}; start it with `vitdistill up` or "
+        raise ConfigError(f"cannot reach the Prefect API at PREFECT_API_URL={redact_uri(api)}; start it with `vitdistill up` or "
                           "`prefect server start`, or unset PREFECT_API_URL to run on an ephemeral API")
     return api
 
@@ -331,15 +363,16 @@ def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline | extract | p
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None, flat: Annotated[bool, typer.Option("--flat", help="dotted.key = value lines")] = False,
                 debug: DebugOpt = False) -> None:
-    """Print the resolved config (defaults <- file <- --set) as YAML."""
+    """Print the resolved config (defaults <- file <- --set) as YAML, passwords in URIs masked."""
     from vitdistill.config import flatten, to_yaml
+    from vitdistill.redact import redact, redact_uri
 
     cfg = _guard(debug, lambda: _load(config, set_))
     if flat:
         for k, v in flatten(cfg).items():
-            out.print(f"{k} = {v!r}", highlight=False)
+            out.print(f"{k} = {redact(v)!r}", highlight=False)
     else:
-        out.print(to_yaml(cfg), highlight=False, end="")
+        out.print(redact_uri(to_yaml(cfg)), highlight=False, end="")
 
 
 @config_app.command("validate")

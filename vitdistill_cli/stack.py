@@ -14,12 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from vitdistill.config import VitdistillConfig
 from vitdistill.errors import VitdistillError
+from vitdistill.redact import redact_uri
 
 
 class StackError(VitdistillError):
@@ -42,11 +41,9 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    from vitdistill.tracking import http_probe
+
+    return http_probe(url, timeout) is None
 
 
 def _wait(what: str, check, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -54,7 +51,8 @@ def _wait(what: str, check, proc: subprocess.Popen, log: Path, timeout: float) -
     while time.time() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise StackError(f"{what} exited with code {proc.returncode} while starting ({tail[0] if tail else 'no output'}); see {log}")
+            last = redact_uri(tail[0]) if tail else "no output"
+            raise StackError(f"{what} exited with code {proc.returncode} while starting ({last}); see {log}")
         if check():
             return
         time.sleep(0.5)

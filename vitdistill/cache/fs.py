@@ -46,6 +46,18 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+def join_inside(base: str, name: Any, where: str | None = None) -> str:
+    """``join(base, name)`` for a ``name`` read from a file (a manifest, ``latest.json``): refused with a
+    CacheError naming ``where`` unless it is a relative path that stays inside ``base`` (no ``..``
+    part, no leading ``/`` or ``\\``, no drive letter or URI scheme, no empty or ``.`` part)."""
+    ok = isinstance(name, str) and name and "\0" not in name and "\\" not in name and "://" not in name
+    parts = name.split("/") if ok else []
+    if not ok or name.startswith("/") or (len(name) > 1 and name[1] == ":") or any(p in ("", ".", "..") for p in parts):
+        raise CacheError(f"{where or base}: name {name!r} is not a plain relative path inside {base}; "
+                         "refusing to read, write or delete outside it (was the file edited?)")
+    return join(base, name)
+
+
 def exists(url: str) -> bool:
     fs, path = get_fs(url)
     return fs.exists(path)

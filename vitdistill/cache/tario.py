@@ -11,10 +11,14 @@ mtime, owner and mode), so the same samples always give the same bytes and the s
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import re
 import tarfile
+import zlib
 from typing import IO, Iterator
 
 import numpy as np
@@ -22,11 +26,11 @@ import numpy as np
 from vitdistill.errors import DataError
 
 
-
 class UnreadableShardError(DataError):
     """A shard that is truncated or not a tar at all (the ``on_error`` policy applies)."""
 
 
+_CORRUPT = (tarfile.ReadError, gzip.BadGzipFile, zlib.error, lzma.LZMAError)
 UNSAFE_FIELDS = (".pth", ".pyd", ".pickle", ".pkl", ".pt")
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -43,17 +47,83 @@ def check_member_name(name: str, shard: str) -> None:
         raise DataError(f"{shard}: member {name!r} has an unsafe path (absolute or '..'); refusing the shard")
 
 
+class _TailReader:
+    """A read-only stream that remembers its most recent bytes, so the end-of-archive marker can be
+    checked after ``tarfile`` stops (it treats a cut at a header boundary as a normal end)."""
+
+    _KEEP = 1 << 16  # > tarfile's read-ahead (one 10 KiB record) plus the two end blocks
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._tail = bytearray()
+        self.pos = 0  # bytes handed out so far
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.pos += len(data)
+        self._tail += data
+        if len(self._tail) > self._KEEP:
+            del self._tail[: len(self._tail) - self._KEEP]
+        return data
+
+    def block_at(self, offset: int, size: int) -> bytes | None:
+        """The ``size`` bytes from stream offset ``offset`` (reading on if needed); None if out of reach."""
+        while self.pos < offset + size and self.read(_RECORD):
+            pass
+        start = offset - (self.pos - len(self._tail))
+        if start < 0:
+            return None
+        return bytes(self._tail[start : start + size])
+
+
+def _decompressed(fileobj: IO[bytes]) -> IO[bytes]:
+    """The tar stream inside ``fileobj``: as is, or through gzip / bz2 / xz by magic number."""
+    head = fileobj.read(6)
+    raw = _Prefixed(head, fileobj)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return raw
+
+
+class _Prefixed:
+    """``head`` (already read from ``rest``) followed by the remainder of ``rest``."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._rest.read(n)
+        if n is None or n < 0:
+            out, self._head = self._head + self._rest.read(), b""
+            return out
+        out, self._head = self._head[:n], self._head[n:]
+        return out + (self._rest.read(n - len(out)) if len(out) < n else b"")
+
+
 def iter_tar_samples(fileobj: IO[bytes], shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {field: bytes})`` for each sample of a tar stream.
+    """Yield ``(key, {field: bytes})`` for each sample of a tar stream (plain, gzip, bz2 or xz).
 
     Raises :class:`DataError` naming the shard (and key) for a truncated or non-tar stream,
-    an unsafe member name, a pickle-format field or a key that appears twice.
+    an unsafe member name, a pickle-format field or a key that appears twice. A shard is whole only
+    if the end-of-archive marker (two zero 512-byte blocks) follows the last member: ``tarfile``
+    alone takes a cut at a header boundary for the end and would silently return fewer samples.
     """
     seen: set[str] = set()
     key: str | None = None
     fields: dict[str, bytes] = {}
+
+    def unreadable(what: str, detail: str = "") -> UnreadableShardError:
+        after = f" after key {key!r}" if key else ""
+        return UnreadableShardError(f"{shard}: {what}{after}{f' ({detail})' if detail else ''}")
+
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        stream = _TailReader(_decompressed(fileobj))
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 check_member_name(member.name, shard)
                 if not member.isfile():
@@ -76,12 +146,16 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str) -> Iterator[tuple[str, dict
                     key, fields = k, {}
                 data = tar.extractfile(member)
                 fields[field] = data.read() if data is not None else b""
-    except tarfile.ReadError as e:
-        where = f" after key {key!r}" if key else ""
-        raise UnreadableShardError(f"{shard}: not a readable tar shard{where} ({e})") from None
+            if stream.block_at(tar.offset, 2 * _BLOCK) != bytes(2 * _BLOCK):
+                raise unreadable("truncated tar shard", f"no end-of-archive marker at byte {tar.offset}")
+    except _CORRUPT as e:
+        raise unreadable("not a readable tar shard", str(e)) from None
     except EOFError:
-        where = f" after key {key!r}" if key else ""
-        raise UnreadableShardError(f"{shard}: truncated tar shard{where}") from None
+        raise unreadable("truncated tar shard") from None
+    except OSError as e:
+        if type(e) is not OSError:  # plain OSError is bz2's "Invalid data stream"; a network error is no shard's fault
+            raise
+        raise unreadable("not a readable tar shard", str(e)) from None
     if key is not None:
         yield key, fields
 

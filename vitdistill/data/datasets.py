@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ from PIL import Image
 from vitdistill.config import DataConfig
 from vitdistill.errors import DataError
 from vitdistill.registry import Registry
+from vitdistill.textfile import decode_text
 
 _FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": None, ".gif": None}
 
@@ -133,16 +135,68 @@ class ShapesDataset(ImageDataset):
         }
 
 
+def read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        return decode_text(f.read(), path)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def sanitize_key(rel_stem: str) -> str:
     """Folder path -> webdataset key: no dots (webdataset would split there), no odd characters."""
     return re.sub(r"[^A-Za-z0-9_/-]", "_", rel_stem.replace(os.sep, "/"))
+
+
+def _csv_captions(path: str) -> dict[str, str]:
+    """``file -> caption`` from a ``file,caption`` CSV; binary or malformed content names the file and line."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: expected a header with columns 'file' and 'caption'")
+        caps = {}
+        for row in reader:
+            if not isinstance(row.get("file"), str) or not isinstance(row.get("caption"), str) or not row["file"]:
+                raise DataError(f"{path}:{reader.line_num}: expected a row with a 'file' and a 'caption' value")
+            caps[os.path.normpath(row["file"])] = row["caption"]
+        return caps
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
+def _jsonl_captions(path: str) -> dict[str, str]:
+    """``file -> caption`` from JSON lines ``{"file": ..., "caption": ...}``, naming the file and line of a bad one."""
+    caps = {}
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            file, caption = rec["file"], rec["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            file = caption = None
+        if not isinstance(file, str) or not isinstance(caption, str) or not file:
+            raise DataError(f"{path}:{n}: expected a JSON object with string 'file' and 'caption'")
+        caps[os.path.normpath(file)] = caption
+    return caps
 
 
 @DATASETS.register("folder")
 class FolderDataset(ImageDataset):
     """ImageFolder layout: ``root/<class>/<image>``; captions from ``<image>.txt`` beside the image
     or from ``root/captions.csv`` (columns ``file,caption``) or ``root/captions.jsonl``
-    (``{"file": ..., "caption": ...}``), ``file`` relative to the root."""
+    (``{"file": ..., "caption": ...}``), ``file`` relative to the root.
+
+    Only regular files (or links to them) are read: anything else named like an image (a FIFO would
+    block the read forever) is an error, or skipped under ``data.on_error=skip`` (listed in
+    ``skipped``). Caption files must be UTF-8 text, and a caption-table row naming no image is an
+    error: a typo would otherwise leave an image without a caption, and a cache where some samples
+    lack one keeps none."""
 
     name = "folder"
 
@@ -154,6 +208,14 @@ class FolderDataset(ImageDataset):
         self.classes = sorted(
             d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d)) and not d.startswith(".")
         )
+        for d in self.classes:
+            try:
+                d.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(d).decode("utf-8", "backslashreplace")
+                raise DataError(f"data.path {self.root}: class folder name '{shown}' is not valid UTF-8; "
+                                "rename it (class names are stored as text)") from None
+        self.skipped: list[str] = []
         if not self.classes:
             raise DataError(f"data.path {self.root}: expected one sub-folder per class (ImageFolder layout), found none")
         self._files = self._scan()
@@ -167,31 +229,41 @@ class FolderDataset(ImageDataset):
             for dirpath, dirnames, filenames in os.walk(os.path.join(self.root, cname)):
                 dirnames.sort()
                 for fn in sorted(filenames):
-                    if os.path.splitext(fn)[1].lower() in _FOLDER_EXTS:
-                        files.append((os.path.relpath(os.path.join(dirpath, fn), self.root), ci))
+                    if os.path.splitext(fn)[1].lower() not in _FOLDER_EXTS:
+                        continue
+                    full = os.path.join(dirpath, fn)
+                    try:
+                        mode = os.stat(full).st_mode  # follows links: a link to an image is an image
+                    except OSError:
+                        mode, kind = 0, "a broken link"
+                    else:
+                        kind = _file_kind(mode)
+                    if not stat.S_ISREG(mode):
+                        if self.cfg.on_error == "error":
+                            raise DataError(f"{full}: {kind}, not an image file; remove it, or set data.on_error=skip "
+                                            "to skip it")
+                        self.skipped.append(os.path.relpath(full, self.root))
+                        continue
+                    files.append((os.path.relpath(full, self.root), ci))
         return files
 
     def _read_caption_tables(self) -> dict[str, str]:
         caps: dict[str, str] = {}
         csv_path = os.path.join(self.root, "captions.csv")
         if os.path.isfile(csv_path):
-            with open(csv_path, newline="") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-                    raise DataError(f"{csv_path}: expected a header with columns 'file' and 'caption'")
-                for row in reader:
-                    caps[os.path.normpath(row["file"])] = row["caption"]
+            caps.update(self._checked(csv_path, _csv_captions(csv_path)))
         jsonl_path = os.path.join(self.root, "captions.jsonl")
         if os.path.isfile(jsonl_path):
-            with open(jsonl_path) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        caps[os.path.normpath(rec["file"])] = rec["caption"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(f"{jsonl_path}:{n}: expected a JSON object with 'file' and 'caption'") from None
+            caps.update(self._checked(jsonl_path, _jsonl_captions(jsonl_path)))
+        return caps
+
+    def _checked(self, table: str, caps: dict[str, str]) -> dict[str, str]:
+        """``caps`` if each row names an image of the folder (skipped ones count), else a DataError."""
+        known = {os.path.normpath(rel) for rel, _ in self._files} | {os.path.normpath(rel) for rel in self.skipped}
+        unmatched = [f for f in caps if f not in known]
+        if unmatched:
+            raise DataError(f"{table}: {len(unmatched)} of {len(caps)} rows name no image in the class folders "
+                            f"(first: {unmatched[0]!r}); 'file' is relative to {self.root}, e.g. {self._files[0][0]!r}")
         return caps
 
     def samples(self) -> Iterator[RawSample]:
@@ -214,8 +286,7 @@ class FolderDataset(ImageDataset):
             txt = self._captions.get(os.path.normpath(rel))
             side = os.path.join(self.root, stem + ".txt")
             if txt is None and os.path.isfile(side):
-                with open(side) as f:
-                    txt = f.read().strip()
+                txt = read_text(side).strip()
             yield RawSample(key=key, image=data, ext=fmt, cls=ci, txt=txt)
 
     def content(self) -> Any:

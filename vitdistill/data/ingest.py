@@ -20,6 +20,7 @@ from vitdistill.config import VitdistillConfig
 from vitdistill.data.datasets import RawSample, create_dataset
 from vitdistill.errors import DataError
 from vitdistill.progress import progress_bar
+from vitdistill.textfile import decode_text
 
 INGEST_FORMAT = 1
 
@@ -131,10 +132,20 @@ def _write_shards(ds, out_dir: str, per_shard: int, fingerprint: str, progress: 
 
 
 def expand_pattern(pattern: str) -> list[str]:
-    """``"s3://b/train-{000..009}.tar"`` -> ten URLs; several patterns may be joined with ``::``."""
+    """``"s3://b/train-{000..009}.tar"`` -> ten URLs; several patterns may be joined with ``::``.
+
+    An empty part (``a.tar::``) and a shard listed twice are errors: either would silently change
+    what the extraction reads."""
     urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(braceexpand(part.strip()))
+    seen: set[str] = set()
+    for i, part in enumerate(pattern.split("::")):
+        if not part.strip():
+            raise DataError(f"data.path {pattern!r}: part {i + 1} of the '::'-separated list is empty")
+        for url in braceexpand(part.strip()):
+            if url in seen:
+                raise DataError(f"data.path: shard {url} is listed twice (each shard may appear once)")
+            seen.add(url)
+            urls.append(url)
     return urls
 
 
@@ -150,6 +161,8 @@ def resolve_inputs(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
             info = fsys.info(path)
         except FileNotFoundError:
             raise DataError(f"data.path: shard {url} not found") from None
+        if info.get("type") == "directory":
+            raise DataError(f"data.path: shard {url} is a directory, expected a tar file")
         infos.append([url, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))])
     fingerprint = hashlib.sha256(json.dumps(infos, sort_keys=True).encode()).hexdigest()
     return InputSet(source="wds", shards=urls, classes=_wds_classes(urls[0]), fingerprint=fingerprint)
@@ -159,7 +172,7 @@ def _wds_classes(first_url: str) -> list[str] | None:
     """Class names for existing shards from an optional ``classes.txt`` beside them."""
     url = fs.join(first_url.rsplit("/", 1)[0], "classes.txt") if "/" in first_url else "classes.txt"
     try:
-        names = [ln.strip() for ln in fs.read_bytes(url).decode().splitlines() if ln.strip()]
+        names = [ln.strip() for ln in decode_text(fs.read_bytes(url), url).splitlines() if ln.strip()]
     except FileNotFoundError:
         return None
     return names or None

@@ -13,6 +13,10 @@ whole l2 grid: with Q diag(e) Q^T the decomposition, W(l2) = L diag(1 / (e + l2)
 R (:class:`RidgeEigen`). The l2 for each ``shots`` is chosen by mean val top-1 over seeds (ties go
 to the stronger regularisation); test is scored once, at that l2.
 
+A ``shots`` value above the smallest class's train count is skipped, with a note: its sample would
+be every train row of the short classes, so it would not be a k-shot result (with 3-7 images per
+class, 5-, 10- and 25-shot would all be the same fit under three names).
+
 Features are optionally L2-normalised per row (``normalize``) before centring. Unlike big_vision we
 do not standardise each dimension (so the penalty acts on the features' own scale), and the bias
 comes from centring rather than from a large constant feature, so it is exactly unpenalised.
@@ -113,10 +117,27 @@ class FewShotResult:
     val_top1_by_l2: dict[int, dict[float, float]] = field(default_factory=dict)  # shots -> l2 -> mean val top-1
     train_indices: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (shots, seed) -> x_train rows
     short_classes: dict[int, list[int]] = field(default_factory=dict)  # shots -> classes with < shots train rows
+    class_counts: list[int] = field(default_factory=list)  # (C,) train rows per class
 
     def metrics(self) -> dict[str, float]:
-        """Scalar metrics, ready to log."""
+        """Scalar metrics, ready to log (run shot counts only)."""
         return {f"{k}shot_top1": v for k, v in self.mean_top1.items()}
+
+    @property
+    def most_shots(self) -> int | None:
+        """The largest shot count that was run, None if every one was skipped."""
+        return max(self.mean_top1, default=None)
+
+    @property
+    def skipped(self) -> list[int]:
+        """Shot counts not run because some class has fewer train rows."""
+        return [k for k, short in self.short_classes.items() if short]
+
+    def skip_note(self, shots: int, classes: list[str] | None = None) -> str:
+        """Why ``shots`` was skipped, naming the first short class (by name if ``classes`` is given)."""
+        c = self.short_classes[shots][0]
+        return (f"skipped: class {repr(classes[c]) if classes else c} has {self.class_counts[c]} train samples, "
+                f"fewer than {shots}")
 
 
 def fewshot_probe(
@@ -154,14 +175,17 @@ def fewshot_probe(
     targets = pm_one_targets(train.y, num_classes)  # (N_train, C)
     orders = {seed: class_orders(train.y, num_classes, seed) for seed in seeds}
 
-    result = FewShotResult()
+    counts = np.bincount(train.y, minlength=num_classes)  # (C,) train rows per class
+    result = FewShotResult(class_counts=counts.tolist())
     for k in shots:
+        result.short_classes[k] = [int(c) for c in np.flatnonzero(counts < k)]
+        if result.short_classes[k]:
+            continue
         fits = {}
         val_correct = np.zeros(len(grid))  # summed over seeds
         for seed in seeds:
-            rows, short = take_shots(orders[seed], k)
+            rows, _ = take_shots(orders[seed], k)
             result.train_indices[(k, seed)] = rows
-            result.short_classes[k] = short
             fits[seed] = ridge_eigen(xtr[rows], targets[rows])
             projected = fits[seed].project(xva)  # (N_val, r)
             val_correct += [np.sum(fits[seed].scores(projected, l2).argmax(axis=1) == val.y) for l2 in grid]

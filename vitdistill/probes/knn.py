@@ -2,7 +2,9 @@
 
 Features are L2-normalised so that the dot product is the cosine similarity. Each test query takes
 its k most similar train rows; neighbour j votes for its class with weight exp(sim_j / T), and
-classes are ranked by their summed votes. Queries are processed in chunks, so memory stays at
+classes are ranked by their summed votes. Weights are computed relative to the nearest neighbour,
+exp((sim_j - sim_max) / T), which ranks the classes identically and cannot overflow float32 at small
+T (exp(1 / T) does below T ~ 0.0113). Queries are processed in chunks, so memory stays at
 O(chunk_size * N_train) whatever the test size; chunking does not change any result, since each
 query is scored on its own. Computation is float32 on CPU, as in DINO.
 """
@@ -43,12 +45,13 @@ def knn_votes(
 ) -> dict[int, torch.Tensor]:
     """Temperature-weighted class votes for unit-norm ``queries`` (M, D) against ``train`` (N, D).
 
-    Returns k -> (M, C) votes. One top-k search with the largest k serves every k, because the
+    Returns k -> (M, C) votes, scaled so that each query's nearest neighbour weighs 1 (the
+    softmax-style shift by the largest similarity). One top-k search with the largest k serves every k, because the
     neighbours come back sorted by similarity.
     """
     sim = queries @ train.T  # (M, N) cosine similarities
     top_sim, top_idx = sim.topk(max(ks), dim=1)  # (M, K), most similar first
-    weight = torch.exp(top_sim / temperature)  # (M, K)
+    weight = torch.exp((top_sim - top_sim[:, :1]) / temperature)  # (M, K) in (0, 1], nearest first
     neighbour_labels = train_labels[top_idx]  # (M, K)
     votes = {}
     for k in ks:

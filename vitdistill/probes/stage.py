@@ -23,7 +23,7 @@ import numpy as np
 from vitdistill.cache.reader import FeatureCache
 from vitdistill.config import ProbeConfig
 from vitdistill.errors import CacheError
-from vitdistill.probes.fewshot import fewshot_probe
+from vitdistill.probes.fewshot import FewShotResult, fewshot_probe
 from vitdistill.probes.inputs import l2_normalize
 from vitdistill.probes.knn import knn_probe
 from vitdistill.probes.linear import linear_probe
@@ -84,6 +84,19 @@ def probe_layers(fc: FeatureCache, feats: dict[str, np.ndarray], labels: dict[st
     return metrics, rows
 
 
+def fewshot_table(few: FewShotResult, classes: list[str], seeds: int) -> list[dict[str, Any]]:
+    """One row per requested shot count; a skipped one has empty numbers and a note naming the short class."""
+    rows = []
+    for s in sorted(few.short_classes):
+        if s in few.skipped:
+            rows.append({"shots": s, "mean_top1": None, "std_top1": None, "chosen_l2": None, "seeds": seeds,
+                         "note": few.skip_note(s, classes)})
+        else:
+            rows.append({"shots": s, "mean_top1": round(few.mean_top1[s], 4), "std_top1": round(few.std_top1[s], 4),
+                         "chosen_l2": few.chosen_l2[s], "seeds": seeds, "note": ""})
+    return rows
+
+
 def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     """Every probe; the linear one is saved as the run's teacher probe (:mod:`vitdistill.probes.teacher`)."""
     fc = FeatureCache.open(cache_dir)
@@ -106,13 +119,13 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
         "per_class": per_class_table(lin.confusion, classes),
         "linear_sweep": [{"l2": l2, "val_top1": round(acc, 4), "chosen": l2 == lin.chosen_l2}
                          for l2, acc in lin.val_top1_by_l2.items()],
-        "fewshot": [{"shots": s, "mean_top1": round(few.mean_top1[s], 4), "std_top1": round(few.std_top1[s], 4),
-                     "chosen_l2": few.chosen_l2[s], "seeds": len(cfg.fewshot_seeds)} for s in sorted(few.mean_top1)],
+        "fewshot": fewshot_table(few, classes, len(cfg.fewshot_seeds)),
     }
     sizes = {"train": len(ytr), "val": len(yva), "test": len(yte)}
-    most_shots, first_k = max(few.mean_top1), cfg.knn_k[0]
-    headline = (f"linear top-1 {lin.top1:.3f}, {most_shots}-shot {few.mean_top1[most_shots]:.3f}, "
-                f"kNN@{first_k} {knn.top1[first_k]:.3f}")
+    first_k = cfg.knn_k[0]
+    shots_part = (f"{few.most_shots}-shot {few.mean_top1[few.most_shots]:.3f}" if few.most_shots is not None
+                  else "few-shot skipped (a class has too few train samples)")
+    headline = f"linear top-1 {lin.top1:.3f}, {shots_part}, kNN@{first_k} {knn.top1[first_k]:.3f}"
     if "layers" in fc.manifest["teacher"]:
         if any(loaded[s]["layers"] is None for s in loaded):
             raise CacheError(f"{cache_dir}: the manifest lists teacher layers but some samples have no layers.npy")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from vitdistill.errors import ConfigError
+from vitdistill.redact import redact, redact_uri
 from vitdistill.stages import STAGES
 from vitdistill.tracking import Tracker
 
@@ -88,7 +89,7 @@ def find_parent_run_id(tracker: Tracker, run_id: str | None) -> str:
         )
         if not runs:
             raise ConfigError(f"no finished run with an evaluate stage in MLflow experiment {tracker.experiment_name!r} "
-                              f"at {tracker.uri}; run `vitdistill run` first, or pass a run id")
+                              f"at {tracker.display_uri}; run `vitdistill run` first, or pass a run id")
         run = runs[0]
     else:
         run = _get_run(tracker, run_id)
@@ -112,7 +113,7 @@ def gather_run(tracker: Tracker, run_id: str | None = None, figures: bool = True
         if child is None:
             continue
         stage = StageRun(name, child.info.run_id, child.info.status, child.info.start_time, child.info.end_time,
-                         dict(child.data.metrics), dict(child.data.params))
+                         dict(child.data.metrics), redact(dict(child.data.params)))
         if name in CURVE_STAGES:
             stage.curves = _curves(tracker, stage.run_id, stage.metrics)
         stage.tables, stage.figures = _artifacts(tracker, stage.run_id, figures)
@@ -124,11 +125,13 @@ def gather_run(tracker: Tracker, run_id: str | None = None, figures: bool = True
                           "student from it: run `vitdistill run` or `vitdistill evaluate`")
     experiment = client.get_experiment(info.experiment_id)
     config_yaml = _read_text(tracker, info.run_id, "config.yaml")
+    # masked again on the way out: a run logged before redaction existed may hold a password
     return PipelineRun(
         run_id=info.run_id, name=info.run_name, status=info.status, experiment_id=info.experiment_id,
-        experiment_name=experiment.name, tracking_uri=tracker.uri, run_url=tracker.run_url(info.run_id),
-        start_ms=info.start_time, end_ms=info.end_time, tags=dict(parent.data.tags), params=dict(parent.data.params),
-        config_yaml=config_yaml, stages=stages,
+        experiment_name=experiment.name, tracking_uri=tracker.display_uri, run_url=tracker.run_url(info.run_id),
+        start_ms=info.start_time, end_ms=info.end_time, tags=redact(dict(parent.data.tags)),
+        params=redact(dict(parent.data.params)), config_yaml=redact_uri(config_yaml) if config_yaml else None,
+        stages=stages,
     )
 
 
@@ -138,7 +141,7 @@ def _get_run(tracker: Tracker, run_id: str):
     try:
         return tracker.client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"MLflow run {run_id!r} not found at {tracker.uri}; `vitdistill report` with no "
+        raise ConfigError(f"MLflow run {run_id!r} not found at {tracker.display_uri}; `vitdistill report` with no "
                           "argument takes the latest finished run") from None
 
 

@@ -1,0 +1,467 @@
+"""Reliability, round 2 (issue #17): truncated shards, bad shard lists, escaping names, credentials in
+logs, bad paths. Each bad input fails with one line naming the file, key or field."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import io
+
+import pytest
+
+from vitdistill.cache.tario import TarShardWriter, UnreadableShardError, iter_tar_samples
+from vitdistill.errors import VitdistillError
+
+
+def _shard(path, n: int = 5) -> bytes:
+    w = TarShardWriter(str(path))
+    for i in range(n):
+        w.write(f"s{i:04d}", {"png": bytes([i]) * (100 + 300 * i), "cls": str(i % 2).encode()})
+    w.close()
+    return path.read_bytes()
+
+
+def _end_marker(data: bytes) -> int:
+    """Byte offset just past the two zero blocks that end the archive."""
+    offset = 0
+    while data[offset : offset + 512] != bytes(512):
+        size = int(data[offset + 124 : offset + 135], 8)
+        offset += 512 + -(-size // 512) * 512
+    return offset + 1024
+
+
+def _read(data: bytes, name: str = "a.tar") -> list[str]:
+    return [k for k, _ in iter_tar_samples(io.BytesIO(data), name)]
+
+
+def test_truncated_tar_is_never_taken_for_a_shorter_shard(tmp_path):
+    data = _shard(tmp_path / "a.tar")
+    end = _end_marker(data)
+    assert _read(data) == [f"s{i:04d}" for i in range(5)]
+    cuts = sorted({*range(0, end, 512), *range(1, end, 97), end - 1, end - 512})  # every header boundary too
+    for cut in cuts:
+        with pytest.raises(UnreadableShardError, match=r"^a\.tar: (truncated|not a readable)"):
+            _read(data[:cut])
+    for cut in range(end, len(data) + 1, 512):  # only the record padding after the end marker is missing
+        assert len(_read(data[:cut])) == 5, cut
+
+
+def test_truncated_gzip_shard_gives_all_samples_or_an_error(tmp_path):
+    data = gzip.compress(_shard(tmp_path / "a.tar"), mtime=0)
+    assert len(_read(data)) == 5
+    errors = 0
+    for cut in range(0, len(data)):
+        try:
+            assert len(_read(data[:cut])) == 5, cut  # a cut in the gzip trailer loses only padding
+        except UnreadableShardError as e:
+            assert str(e).startswith("a.tar: ")
+            errors += 1
+    assert errors > len(data) // 2
+
+
+# --------------------------------------------------------------------------- data.path shard lists
+
+
+def _wds_cfg(make_cfg, path: str):
+    return make_cfg("data.source=wds", f"data.path='{path}'")
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("{d}/a.tar::{d}/a.tar", r"^data\.path: shard .*/a\.tar is listed twice"),
+    ("{d}/a.tar::{d}/{{a,b}}.tar", r"^data\.path: shard .*/a\.tar is listed twice"),
+    ("{d}/a.tar::", r"^data\.path .*: part 2 of the '::'-separated list is empty$"),
+    ("{d}/a.tar:: ::{d}/b.tar", r"^data\.path .*: part 2 of the '::'-separated list is empty$"),
+    ("{d}", r"^data\.path: shard .* is a directory, expected a tar file$"),
+])
+def test_bad_shard_list_is_one_line(make_cfg, tmp_path, pattern, message):
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    for name in ("a.tar", "b.tar"):
+        _shard(tmp_path / name, 2)
+    with pytest.raises(DataError, match=message):
+        resolve_inputs(_wds_cfg(make_cfg, pattern.format(d=tmp_path)), progress=False)
+    assert len(resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar::{tmp_path}/b.tar")).shards) == 2
+
+
+# --------------------------------------------------------------------------- LiT divergence
+
+
+def test_lit_stops_on_a_non_finite_loss_naming_the_step(tmp_path):
+    from tests.test_lit import FAST_SCRATCH, write_fake_cache
+    from vitdistill.config import LitConfig
+    from vitdistill.errors import TrainingError
+    from vitdistill.lit import run_lit
+
+    cache = write_fake_cache(tmp_path / "c", n=120, captions=lambda i, c: f"caption {c}")
+    cfg = LitConfig(**{**FAST_SCRATCH, "epochs": 2}, lr=float("inf"))
+    with pytest.raises(TrainingError, match=r"^LiT step 2 \(epoch 2\): loss is nan .*; lower lit\.lr") as e:
+        run_lit(cache, cfg, progress=False)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- kNN at a small temperature
+
+
+def test_knn_at_temperature_001_matches_a_float64_reference():
+    import numpy as np
+
+    from vitdistill.probes import knn_probe
+
+    rng = np.random.default_rng(0)
+    common, centres = rng.normal(size=32) * 8, rng.normal(size=(4, 32))  # every cosine ~0.98: exp(98)
+    y_train, y_test = rng.integers(4, size=200), rng.integers(4, size=60)
+    x_train = (common + centres[y_train] + rng.normal(size=(200, 32))).astype(np.float32)
+    x_test = (common + centres[y_test] + rng.normal(size=(60, 32))).astype(np.float32)
+    t, k = 0.01, 10
+    res = knn_probe(x_train, y_train, x_test, y_test, ks=(k,), temperature=t)
+
+    a = x_train / np.linalg.norm(x_train, axis=1, keepdims=True)
+    q = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
+    sim = q.astype(np.float64) @ a.T.astype(np.float64)  # (M, N)
+    nn = np.argsort(-sim, axis=1)[:, :k]
+    votes = np.zeros((len(q), 4))
+    for i in range(len(q)):
+        for j in nn[i]:
+            votes[i, y_train[j]] += np.exp(sim[i, j] / t)  # float64 holds exp(100)
+    assert np.isfinite(votes).all() and votes.max() > np.finfo(np.float32).max  # float32 would overflow
+    assert res.test_pred[k].tolist() == votes.argmax(1).tolist()
+    assert res.top1[k] == pytest.approx(float((votes.argmax(1) == y_test).mean()))
+
+
+# --------------------------------------------------------------------------- few-shot with few images
+
+
+def test_fewshot_reports_only_shot_counts_every_class_has(tmp_path):
+    import numpy as np
+
+    from tests.test_lit import write_fake_cache
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.config import ProbeConfig
+    from vitdistill.probes.stage import probe_cache
+
+    cache = write_fake_cache(tmp_path / "c", n=30, classes=("cat", "dog", "fish"))
+    counts = np.bincount(FeatureCache.open(cache).load(split="train")["cls"], minlength=3)
+    assert 3 <= counts.min() <= 7 < 10  # the few-image case of the issue
+    report = probe_cache(cache, ProbeConfig(knn_k=[3]))
+    shots = [s for s in (1, 5, 10, 25) if s <= counts.min()]
+    assert sorted(k for k in report.metrics if k.endswith("shot_top1")) == sorted(f"fewshot_{s}shot_top1" for s in shots)
+    assert f", {max(shots)}-shot " in report.headline and "25-shot" not in report.headline
+    rows = {r["shots"]: r for r in report.tables["fewshot"]}
+    assert sorted(rows) == [1, 5, 10, 25]
+    assert rows[25]["mean_top1"] is None and rows[10]["mean_top1"] is None
+    short = [c for c in ("cat", "dog", "fish") if counts[("cat", "dog", "fish").index(c)] < 10][0]
+    assert rows[10]["note"].startswith(f"skipped: class {short!r} has ")
+    assert rows[1]["note"] == "" and rows[1]["mean_top1"] is not None
+
+
+# --------------------------------------------------------------------------- config values and files
+
+
+@pytest.mark.parametrize("item, message", [
+    ("cache.root=''", r"^--set: cache\.root: expected a directory or URI such as \./vitdistill-cache, got ''"),
+    ("cache.root='   '", r"^--set: cache\.root: expected a directory or URI .*got '   '"),
+    ("report.out_dir=''", r"^--set: report\.out_dir: expected a directory or URI"),
+    ("teacher.device=gpu", r"^--set: teacher\.device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'$"),
+    ("teacher.device='cuda:x'", r"^--set: teacher\.device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda:x'$"),
+    ("distill.device=cuda0", r"^--set: distill\.device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda0'$"),
+])
+def test_bad_config_values_are_one_line_naming_the_key(item, message):
+    from vitdistill.config import load_config
+    from vitdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, [item])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_valid_devices_pass(device):
+    from vitdistill.config import load_config
+
+    assert load_config(None, [f"teacher.device={device}"]).teacher.device == device
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"x\.yaml: not UTF-8 text \(byte \d+ is 0x[0-9a-f]{2}\); expected a YAML config$"),
+    (b"data:\n  source: \x00digits\n", r"x\.yaml: contains NUL bytes \(binary data\?\); expected a YAML config$"),
+    (b"data:\n  source: \x07digits\n", r"x\.yaml: is not valid YAML \(unacceptable character #x0007 at position \d+\)$"),
+    (b"data: [1, 2\n", r"x\.yaml: line \d+ is not valid YAML \(.+\)$"),
+])
+def test_binary_or_broken_config_file_is_one_line(tmp_path, content, message):
+    from vitdistill.config import load_config
+    from vitdistill.errors import ConfigError
+
+    (tmp_path / "x.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(tmp_path / "x.yaml")
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- names read from JSON files
+
+
+@pytest.mark.parametrize("name", ["../../../../outside/victim", "/etc/passwd", "a/../../b", "..", ".", "", "a//b",
+                                  "C:/x", "s3://bucket/x", "a\\..\\b", 7, None, ["x"]])
+def test_join_inside_refuses_names_that_leave_the_directory(tmp_path, name):
+    from vitdistill.cache import fs
+    from vitdistill.errors import CacheError
+
+    with pytest.raises(CacheError, match=r"is not a plain relative path inside .*refusing to read, write or delete"):
+        fs.join_inside(str(tmp_path), name)
+
+
+def test_join_inside_keeps_plain_names(tmp_path):
+    from vitdistill.cache import fs
+
+    assert fs.join_inside("s3://b/ckpt", "step-00000004.pt") == "s3://b/ckpt/step-00000004.pt"
+    assert fs.join_inside(str(tmp_path), "sub/x..y.pt") == f"{tmp_path}/sub/x..y.pt"
+
+
+def test_tampered_latest_json_never_reaches_a_file_outside(tmp_path):
+    import json
+
+    from vitdistill.distill.trainer import latest_checkpoint
+    from vitdistill.errors import CacheError
+
+    ckpt = tmp_path / "run" / "a" / "b" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    victim = tmp_path / "outside" / "victim"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    (ckpt / "latest.json").write_text(json.dumps({"name": "../../../../outside/victim", "step": 4}))
+    with pytest.raises(CacheError, match=r"latest\.json: name '\.\./\.\./\.\./\.\./outside/victim' is not a plain"):
+        latest_checkpoint(str(ckpt))
+    assert victim.read_text() == "precious"
+    (ckpt / "latest.json").write_text(json.dumps({"name": "step-00000004.pt", "step": 4}))
+    (ckpt / "step-00000004.pt").write_bytes(b"")
+    assert latest_checkpoint(str(ckpt)) == f"{ckpt}/step-00000004.pt"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+SECRET_URI = "postgresql://user:password@host/db"
+
+
+@pytest.mark.parametrize("text, masked", [
+    (SECRET_URI, "postgresql://user:***@host/db"),
+    ("http://u:p@ss@h:5000/x and a@b.com", "http://u:***@h:5000/x and a@b.com"),
+    ("x: 'mysql+pymysql://a:b@c/d'", "x: 'mysql+pymysql://a:***@c/d'"),
+    ("redis://:pw@h", "redis://:***@h"),
+    ("http://host:5000/x s3://bucket/k sqlite:///mlflow.db", "http://host:5000/x s3://bucket/k sqlite:///mlflow.db"),
+])
+def test_redact_uri(text, masked):
+    from vitdistill.redact import redact, redact_uri
+
+    assert redact_uri(text) == masked
+    assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
+
+
+def test_credentials_reach_no_param_artifact_or_report(tmp_path):
+    from tests.test_report import _log_pipeline
+    from vitdistill.config import load_config
+    from vitdistill.report import build_report
+    from vitdistill.tracking import Tracker
+
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "teacher.name=test_vit",
+                             "student.name=vit22b_tiny", "data.source=shapes",
+                             f"tracking.server_backend_store_uri={SECRET_URI}",
+                             f"tracking.server_artifacts_destination=s3://user:password@minio/b"])
+    tracker = Tracker(cfg.tracking)
+    parent, _ = _log_pipeline(tracker, {"evaluate": {"metrics": {"teacher/calibration/ece": 0.1,
+                                                                 "student/calibration/ece": 0.05}}},
+                              finish_parent=False)
+    tracker.log_config(parent, cfg)
+    tracker.set_tags(parent, {"note": SECRET_URI})
+    tracker.end_run(parent)
+    run = tracker.client.get_run(parent)
+    logged = " ".join([*run.data.params.values(), *run.data.tags.values()])
+    config_text = open(tracker.client.download_artifacts(parent, "config.yaml", str(tmp_path))).read()
+    assert "user:***@host/db" in run.data.params["tracking.server_backend_store_uri"] and "user:***@host" in config_text
+    result = build_report(tracker, parent, str(tmp_path / "reports"))
+    page = open(result.html_path, encoding="utf-8").read()
+    for where, text in (("params and tags", logged), ("config.yaml", config_text), ("report", page)):
+        assert "password" not in text, where
+
+
+def test_report_masks_credentials_logged_before_redaction(tmp_path):
+    from tests.test_report import _log_pipeline
+    from vitdistill.config import TrackingConfig
+    from vitdistill.report import build_report
+    from vitdistill.tracking import Tracker
+
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    parent, _ = _log_pipeline(tracker, {"evaluate": {"metrics": {"teacher/calibration/ece": 0.1}}},
+                              finish_parent=False)
+    tracker.client.log_text(parent, f"tracking:\n  server_backend_store_uri: {SECRET_URI}\n", "config.yaml")
+    tracker.client.log_param(parent, "tracking.server_backend_store_uri", SECRET_URI)  # raw, as an old run has it
+    tracker.end_run(parent)
+    page = open(build_report(tracker, parent, str(tmp_path / "r")).html_path, encoding="utf-8").read()
+    assert "password" not in page and "user:***@host/db" in page
+
+
+def test_mlflow_health_check_accepts_credentials_and_never_shows_them():
+    import base64
+    import http.server
+    import threading
+
+    from vitdistill.errors import ConfigError
+    from vitdistill.tracking import check_server
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        check_server(f"http://user:password@127.0.0.1:{port}")
+        assert seen == [("/health", "Basic " + base64.b64encode(b"user:password").decode())]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ConfigError, match=r"at http://user:\*\*\*@127\.0\.0\.1:\d+ \(") as e:
+        check_server(f"http://user:password@127.0.0.1:{port}", timeout=1)
+    assert "password" not in str(e.value)
+
+
+def test_cli_messages_mask_credentials(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    env = {**os.environ, "PREFECT_API_URL": f"http://user:password@127.0.0.1:{free_port()}/api"}
+    r = subprocess.run([sys.executable, "-m", "vitdistill_cli.main", "extract"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 2 and "PREFECT_API_URL=http://user:***@127.0.0.1" in r.stderr
+    assert "password" not in r.stderr + r.stdout
+    r = subprocess.run([sys.executable, "-m", "vitdistill_cli.main", "config", "show", "--set",
+                        f"tracking.server_backend_store_uri={SECRET_URI}"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "postgresql://user:***@host/db" in r.stdout and "password" not in r.stdout
+
+
+# --------------------------------------------------------------------------- --json targets
+
+
+def _cli(args, cwd, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vitdistill_cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("outdir", r"^error: --json .*outdir: is a directory; expected the path of a file to write$"),
+    ("afile/r.json", r"^error: --json .*afile/r\.json: .*afile is not a directory; expected the path of a file"),
+    pytest.param("locked/r.json", r"^error: --json .*locked/r\.json: cannot write there", marks=pytest.mark.skipif(
+        hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0, reason="root writes anywhere")),
+])
+def test_unusable_json_path_fails_before_any_work(tmp_path, target, message):
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    r = _cli(["extract", "--json", str(tmp_path / target)], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and re.match(message, r.stderr.strip()), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "vitdistill-cache").exists()  # nothing was started
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _folder_ds(root, *sets):
+    from vitdistill.config import load_config
+    from vitdistill.data.datasets import create_dataset
+
+    return create_dataset(load_config(None, ["data.source=folder", f"data.path={root}", *sets]).data)
+
+
+@pytest.mark.timeout(60)  # before the fix, reading the FIFO blocked forever
+def test_fifo_named_png_never_hangs_ingestion(tmp_path):
+    import os
+
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    os.mkfifo(root / "cat" / "pipe.png")
+    with pytest.raises(DataError, match=r"cat/pipe\.png: a FIFO, not an image file; remove it, or set "
+                                         r"data\.on_error=skip"):
+        list(_folder_ds(root))
+    ds = _folder_ds(root, "data.on_error=skip")
+    assert len(list(ds)) == 4 and ds.skipped == ["cat/pipe.png"]
+
+
+def test_caption_rows_naming_no_image_are_an_error(tmp_path):
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    (root / "captions.csv").write_text("file,caption\ncat/img.1.png,a cat\ndog/img.0.png,a dog\ndog/img.9.png,typo\n")
+    with pytest.raises(DataError, match=r"captions\.csv: 1 of 3 rows name no image in the class folders "
+                                         r"\(first: 'dog/img\.9\.png'\); 'file' is relative to "):
+        _folder_ds(root)
+    (root / "captions.csv").unlink()
+    (root / "captions.jsonl").write_text('{"file": "cat/nope.png", "caption": "x"}\n')
+    with pytest.raises(DataError, match=r"captions\.jsonl: 1 of 1 rows name no image .*first: 'cat/nope\.png'"):
+        _folder_ds(root)
+
+
+BINARY = b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("cat/img.0.txt", BINARY, r"cat/img\.0\.txt: not UTF-8 text \(byte \d+ is 0x[0-9a-f]{2}\); expected a text file$"),
+    ("cat/img.0.txt", b"a cat\x00\x00", r"cat/img\.0\.txt: contains NUL bytes"),
+    ("captions.csv", BINARY, r"captions\.csv: not UTF-8 text"),
+    ("captions.csv", b"file,caption\ncat/img.1.png\n", r"captions\.csv:2: expected a row with a 'file' and a 'caption'"),
+    ("captions.csv", b"name,text\n", r"captions\.csv: expected a header with columns 'file' and 'caption'"),
+    ("captions.jsonl", BINARY, r"captions\.jsonl: not UTF-8 text"),
+    ("captions.jsonl", b'{"file": "cat/img.1.png", "caption": 3}\n', r"captions\.jsonl:1: expected a JSON object"),
+    ("captions.jsonl", b"[1, 2]\n", r"captions\.jsonl:1: expected a JSON object with string 'file' and 'caption'"),
+])
+def test_bad_caption_files_are_one_line_naming_the_file(tmp_path, name, content, message):
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=2)
+    (root / name).write_bytes(content)
+    with pytest.raises(DataError, match=message) as e:
+        list(_folder_ds(root))
+    assert "\n" not in str(e.value)
+
+
+def test_non_utf8_class_folder_is_one_line(tmp_path):
+    import os
+
+    from tests.test_extract import make_folder
+    from vitdistill.errors import DataError
+
+    root = make_folder(tmp_path / "imgs", per_class=1)
+    os.mkdir(os.path.join(os.fsencode(root), b"caf\xe9"))
+    with pytest.raises(DataError, match=r"class folder name 'caf\\xe9' is not valid UTF-8; rename it"):
+        _folder_ds(root)
+
+
+def test_binary_classes_txt_beside_shards_is_one_line(make_cfg, tmp_path):
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    _shard(tmp_path / "a.tar", 2)
+    (tmp_path / "classes.txt").write_bytes(BINARY)
+    with pytest.raises(DataError, match=r"classes\.txt: not UTF-8 text \(byte \d+ is 0x"):
+        resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar"), progress=False)
