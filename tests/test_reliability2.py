@@ -465,3 +465,29 @@ def test_binary_classes_txt_beside_shards_is_one_line(make_cfg, tmp_path):
     (tmp_path / "classes.txt").write_bytes(BINARY)
     with pytest.raises(DataError, match=r"classes\.txt: not UTF-8 text \(byte \d+ is 0x"):
         resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar"), progress=False)
+
+
+def test_manifest_and_record_names_cannot_lead_outside_the_cache(make_cfg, tmp_path):
+    """Every name read from a manifest or record goes through fs.join_inside: the reader refuses a tampered
+    manifest in one line, and an edited shard record is redone instead of followed."""
+    import json as _json
+
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import CacheError
+    from vitdistill.extract import extract, plan_extraction
+
+    cfg = make_cfg("data.limit=40")
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, _ = extract(cfg, inputs, progress=False)
+    record_url = f"{plan.cache_dir}/records/00000.json"
+    record = _json.loads(open(record_url).read())
+    record["parts"][0]["name"] = "../../../outside.tar"
+    open(record_url, "w").write(_json.dumps(record))
+    _, manifest = extract(cfg, inputs, progress=False)  # the edited record is not trusted: the shard is redone
+    assert manifest["stats"]["shards_extracted"] == 1
+    m = _json.loads(open(f"{plan.cache_dir}/manifest.json").read())
+    m["shards"][0]["name"] = "../../etc/passwd"
+    open(f"{plan.cache_dir}/manifest.json", "w").write(_json.dumps(m))
+    with pytest.raises(CacheError, match="not a plain relative path inside"):
+        FeatureCache.open(plan_extraction(cfg, inputs).cache_dir).shard_urls()

@@ -100,7 +100,10 @@ def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
 
 def _record_is_valid(plan: ExtractionPlan, record: dict) -> bool:
     for part in record.get("parts", []):
-        url = fs.join(plan.cache_dir, part["name"])
+        try:
+            url = fs.join_inside(plan.cache_dir, part["name"], where=plan.record_url(record["index"]))
+        except CacheError:  # an edited record: redo the shard rather than follow it outside the cache
+            return False
         if fs.size(url) != part["bytes"]:
             return False
         if plan.verify and fs.sha256_file(url) != part["sha256"]:

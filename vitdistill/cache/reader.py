@@ -64,7 +64,8 @@ class FeatureCache:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def shard_urls(self) -> list[str]:
-        return [fs.join(self.cache_dir, s["name"]) for s in self.manifest["shards"]]
+        where = fs.join(self.cache_dir, "manifest.json")
+        return [fs.join_inside(self.cache_dir, s["name"], where=where) for s in self.manifest["shards"]]
 
     # ------------------------------------------------------------------ reading
     def iter_samples(self, split: str | None = None) -> Iterator[dict[str, Any]]:

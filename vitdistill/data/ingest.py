@@ -59,7 +59,7 @@ def _finished(manifest_url: str, fingerprint: str) -> dict | None:
         return None
     base = manifest_url.rsplit("/", 1)[0]
     for sh in m["shards"]:
-        if fs.size(fs.join(base, sh["name"])) != sh["bytes"]:
+        if fs.size(fs.join_inside(base, sh["name"], where=manifest_url)) != sh["bytes"]:
             return None
     return m
 
@@ -78,7 +78,7 @@ def ingest(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
         fs.write_json_atomic(manifest_url, done)
     return InputSet(
         source=ds.name,
-        shards=[fs.join(out_dir, sh["name"]) for sh in done["shards"]],
+        shards=[fs.join_inside(out_dir, sh["name"], where=manifest_url) for sh in done["shards"]],
         classes=done["classes"],
         fingerprint=fingerprint,
         manifest=manifest_url,

@@ -255,7 +255,8 @@ class StreamBatches:
                              CachedRender(student, k, on_error, LabelSubset(d.label_fraction, d.seed)), seed=d.seed,
                              on_error=on_error,
                              shuffle_buffer=d.shuffle_buffer, rank=rank, world=world, readers=max(1, d.num_workers),
-                             side_shards=[fs.join(cache_dir, s["name"]) for s in shards], side_reader=read_view_shard,
+                             side_shards=[fs.join_inside(cache_dir, s["name"], where=f"{cache_dir}/manifest.json")
+                                          for s in shards], side_reader=read_view_shard,
                              partner=CachedPartner(k) if manifest["views"].get("mixup", 0) > 0 else None)
         return cls(stream, d.num_workers)
 

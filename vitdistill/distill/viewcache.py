@@ -146,7 +146,10 @@ def load_view_record(plan: ViewCachePlan, index: int) -> dict | None:
         record = fs.read_json(plan.record_url(index))
     except (FileNotFoundError, DataError):
         return None
-    url = fs.join(plan.cache_dir, record.get("name", ""))
+    try:
+        url = fs.join_inside(plan.cache_dir, record.get("name", ""), where=plan.record_url(index))
+    except CacheError:  # an edited record: rebuild the shard rather than trust it
+        return None
     if record.get("input") != plan.inputs[index] or fs.size(url) != record.get("bytes"):
         return None
     return record
@@ -247,7 +250,8 @@ def build_view_cache(cfg: VitdistillConfig, inputs: InputSet, progress: bool = T
     plan = plan_view_cache(cfg, inputs)
     try:
         manifest = fs.read_json(plan.manifest_url)
-        if all(fs.size(fs.join(plan.cache_dir, s["name"])) == s["bytes"] for s in manifest["shards"]):
+        if all(fs.size(fs.join_inside(plan.cache_dir, s["name"], where=plan.manifest_url)) == s["bytes"]
+               for s in manifest["shards"]):
             return plan, manifest
     except (FileNotFoundError, DataError):
         pass
