@@ -285,8 +285,10 @@ def test_knn_chunked_equals_unchunked():
     xq, yq = gaussian_mixture(23, 6, 16, spread=4.0, seed=1)
     whole = knn_probe(x, y, xq, yq, ks=(1, 10, 20), chunk_size=10_000)
     chunked = knn_probe(x, y, xq, yq, ks=(1, 10, 20), chunk_size=7)
-    assert whole.top1 == chunked.top1 and whole.top5 == chunked.top5
-    assert all(np.array_equal(whole.test_pred[k], chunked.test_pred[k]) for k in (1, 10, 20))
+    both = knn_probe(x, y, xq, yq, ks=(1, 10, 20), chunk_size=7, bank_chunk=13)  # bank in parts smaller than k
+    for r in (chunked, both):
+        assert whole.top1 == r.top1 and whole.top5 == r.top5
+        assert all(np.array_equal(whole.test_pred[k], r.test_pred[k]) for k in (1, 10, 20))
     assert 0.8 < whole.top1[20] <= whole.top5[20]
 
 

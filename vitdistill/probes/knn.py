@@ -4,9 +4,11 @@ Features are L2-normalised so that the dot product is the cosine similarity. Eac
 its k most similar train rows; neighbour j votes for its class with weight exp(sim_j / T), and
 classes are ranked by their summed votes. Weights are computed relative to the nearest neighbour,
 exp((sim_j - sim_max) / T), which ranks the classes identically and cannot overflow float32 at small
-T (exp(1 / T) does below T ~ 0.0113). Queries are processed in chunks, so memory stays at
-O(chunk_size * N_train) whatever the test size; chunking does not change any result, since each
-query is scored on its own. Computation is float32 on CPU, as in DINO.
+T (exp(1 / T) does below T ~ 0.0113). Queries are processed in chunks, and each chunk against the
+train bank in chunks of ``bank_chunk`` rows whose top-k are merged, so memory stays at
+O(chunk_size * bank_chunk) whatever the sizes; chunking does not change any result, since each
+query is scored on its own and the top-k of a union is the top-k of the parts' top-k. Computation
+is float32, on the GPU when there is one (``device``), as in DINO.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def knn_votes(
     ks: tuple[int, ...],
     temperature: float,
     num_classes: int,
+    bank_chunk: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """Temperature-weighted class votes for unit-norm ``queries`` (M, D) against ``train`` (N, D).
 
@@ -49,13 +52,21 @@ def knn_votes(
     softmax-style shift by the largest similarity). One top-k search with the largest k serves every k, because the
     neighbours come back sorted by similarity.
     """
-    sim = queries @ train.T  # (M, N) cosine similarities
-    top_sim, top_idx = sim.topk(max(ks), dim=1)  # (M, K), most similar first
+    k_max, step = max(ks), bank_chunk or len(train)
+    top_sim = top_idx = None
+    for start in range(0, len(train), step):
+        sim = queries @ train[start:start + step].T  # (M, n) cosine similarities against this part of the bank
+        s, i = sim.topk(min(k_max, sim.shape[1]), dim=1)
+        i = i + start
+        if top_sim is not None:  # merge with the best so far: the top-k of the union
+            s, order = torch.cat([top_sim, s], 1).topk(min(k_max, top_sim.shape[1] + s.shape[1]), dim=1)
+            i = torch.cat([top_idx, i], 1).gather(1, order)
+        top_sim, top_idx = s, i  # (M, K), most similar first
     weight = torch.exp((top_sim - top_sim[:, :1]) / temperature)  # (M, K) in (0, 1], nearest first
     neighbour_labels = train_labels[top_idx]  # (M, K)
     votes = {}
     for k in ks:
-        zeros = torch.zeros(queries.shape[0], num_classes, dtype=weight.dtype)  # (M, C)
+        zeros = torch.zeros(queries.shape[0], num_classes, dtype=weight.dtype, device=weight.device)  # (M, C)
         votes[k] = zeros.scatter_add_(1, neighbour_labels[:, :k], weight[:, :k])
     return votes
 
@@ -69,9 +80,12 @@ def knn_probe(
     ks: tuple[int, ...] = (10, 20),
     temperature: float = 0.07,
     chunk_size: int = 1024,
+    bank_chunk: int = 65536,
     num_classes: int | None = None,
+    device: str | None = None,
 ) -> KNNResult:
-    """Top-1 and top-5 of the weighted kNN classifier for each k in ``ks``."""
+    """Top-1 and top-5 of the weighted kNN classifier for each k in ``ks`` (``device``: default the GPU
+    when there is one, else the CPU)."""
     train = check_split("train", x_train, y_train)
     test = check_split("test", x_test, y_test)
     check_splits(train, test)
@@ -84,17 +98,19 @@ def knn_probe(
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
-    bank = torch.from_numpy(l2_normalize(train.x)).float()  # (N_train, D)
-    bank_labels = torch.from_numpy(train.y)  # (N_train,)
-    queries = torch.from_numpy(l2_normalize(test.x)).float()  # (N_test, D)
-    y = torch.from_numpy(test.y)  # (N_test,)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bank = torch.from_numpy(l2_normalize(train.x)).float().to(dev)  # (N_train, D)
+    bank_labels = torch.from_numpy(train.y).to(dev)  # (N_train,)
+    queries = torch.from_numpy(l2_normalize(test.x)).float().to(dev)  # (N_test, D)
+    y = torch.from_numpy(test.y).to(dev)  # (N_test,)
     top5_k = min(5, num_classes)
     hits1 = dict.fromkeys(ks, 0)
     hits5 = dict.fromkeys(ks, 0)
     preds: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, len(y), chunk_size):
         chunk_y = y[start : start + chunk_size]  # (M,)
-        votes = knn_votes(queries[start : start + chunk_size], bank, bank_labels, ks, temperature, num_classes)
+        votes = knn_votes(queries[start : start + chunk_size], bank, bank_labels, ks, temperature, num_classes,
+                          bank_chunk)
         for k, v in votes.items():
             ranked = v.topk(top5_k, dim=1).indices  # (M, min(5, C)), best first
             hits1[k] += int((ranked[:, 0] == chunk_y).sum())
@@ -106,5 +122,5 @@ def knn_probe(
         top5={k: hits5[k] / n for k in ks},
         temperature=float(temperature),
         num_classes=num_classes,
-        test_pred={k: torch.cat(p).numpy() for k, p in preds.items()},
+        test_pred={k: torch.cat(p).cpu().numpy() for k, p in preds.items()},
     )
