@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_lit.py
 	$(BIN)/python benchmarks/bench_distill.py
 	$(BIN)/python benchmarks/bench_teachers.py
+	$(BIN)/python benchmarks/bench_distill_quality.py --data shapes
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) vitdistill-cache mlflow.db mlruns

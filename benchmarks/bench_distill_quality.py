@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--label-fraction", type=float, default=0.1, help="data-efficiency rows: share of labels")
     ap.add_argument("--patience", default="", help="comma-separated epoch counts: function matching and labels "
                     "only at each (the views are reused), to show how quality grows with the schedule")
+    ap.add_argument("--labels-only-top1", type=float, default=None, help="skip the labels-only run and use this "
+                    "top-1 for the gap (from another run of this script with the same data and budget)")
     ap.add_argument("--cache-root", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="extra override for every run")
     args = ap.parse_args()
@@ -83,7 +85,11 @@ def main() -> None:
               flush=True)
         return m
 
-    labels = run("labels only", [], ["distill.alpha=1.0", "distill.losses={}"])
+    if args.labels_only_top1 is None:
+        labels = run("labels only", [], ["distill.alpha=1.0", "distill.losses={}"])
+    else:
+        labels = {"student_top1": args.labels_only_top1, "train_seconds": float("nan")}
+        rows.append(("labels only (given)", labels))
     recipes = {}
     for name in [r for r in args.recipes.split(",") if r]:
         views = [f"distill.num_views={args.views}"] if args.views else []
