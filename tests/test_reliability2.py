@@ -221,7 +221,7 @@ def test_join_inside_keeps_plain_names(tmp_path):
 def test_tampered_latest_json_never_reaches_a_file_outside(tmp_path):
     import json
 
-    from vitdistill.distill.trainer import latest_checkpoint
+    from vitdistill.trainer import latest_checkpoint
     from vitdistill.errors import CacheError
 
     ckpt = tmp_path / "run" / "a" / "b" / "checkpoints"

@@ -185,7 +185,7 @@ def _worker_batches(shard: str, pil_transform, batch_size: int, on_error: str, s
 
     loader = tud.DataLoader(ShardGroups(shard, batch_size, pil_transform, on_error, decode_group, _raw_groups),
                             batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                            prefetch_factor=4)
+                            prefetch_factor=4, multiprocessing_context="forkserver")  # no fork of a threaded process
     pending: dict[int, tuple] = {}
     nxt = 0
     for item in loader:

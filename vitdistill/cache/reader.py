@@ -60,7 +60,7 @@ class FeatureCache:
         import hashlib
 
         m = self.manifest
-        blob = json.dumps([m["teacher"], m["preprocessing"], m["dtype"], [s["sha256"] for s in m["shards"]]], sort_keys=True)
+        blob = json.dumps([m["teacher"], m.get("preprocessing"), m.get("dtype"), [s.get("sha256") or [s.get("name"), s.get("count")] for s in m["shards"]]], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def shard_urls(self) -> list[str]:

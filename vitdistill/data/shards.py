@@ -402,7 +402,7 @@ class ShardStream:
         from vitdistill.data.loader import ReaderDataset, unwrap
 
         loader = tud.DataLoader(ReaderDataset(self, epoch, base, skips), batch_size=None, num_workers=num_workers,
-                                pin_memory=pin_memory)
+                                pin_memory=pin_memory, multiprocessing_context="forkserver")  # never fork a threaded process
         pending: dict[tuple[int, int], dict] = {}
         it = iter(loader)
         try:
