@@ -111,9 +111,12 @@ class Tracker:
                    tables: dict[str, list[dict]] | None = None, table_prefix: str = "") -> None:
         """What every stage logs: params, per-epoch curves, metrics, figures (PNG) and tables (JSON)."""
         self.log_params(run_id, params)
+        curves: set[str] = set()
         if history:
             self.log_history(run_id, list(history))
-        self.log_metrics(run_id, metrics)
+            curves = {k for row in history for k in row}
+        # a final value that is also a curve is the curve's last point already (not a second point at step 0)
+        self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in curves})
         for name, fig in (figures or {}).items():
             self.log_figure(run_id, fig, name)
         for name, rows in (tables or {}).items():
