@@ -180,26 +180,98 @@ def remove_stale_tmp(dir_url: str, older_than_s: float = 3600.0) -> int:
     return n
 
 
-@contextmanager
-def exclusive(lock_url: str) -> Iterator[None]:
-    """Hold an exclusive lock on a local lock file (``flock``; released if the holder dies).
+LOCK_STALE_AFTER = 600.0  # seconds an object-store lock may go without a heartbeat before it is taken over
 
-    On object stores this is a no-op: there a single PUT publishes a whole object, and records are
-    written after their shards, so concurrent writers can only replace a shard with an equal one.
+
+@contextmanager
+def exclusive(lock_url: str, *, stale_after: float = LOCK_STALE_AFTER, poll: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive lock named ``lock_url`` while the block runs.
+
+    - Local disk: a ``filelock.FileLock`` (an OS lock on the file, released by the kernel if the
+      holder dies, so a ``kill -9`` never leaves a stale lock).
+    - Object stores (``s3://``): a lock *object* created with a conditional PUT (``If-None-Match: *``),
+      which exactly one of several concurrent writers wins; see :func:`_object_lock`.
     """
     if is_remote(lock_url):
-        yield
+        with _object_lock(lock_url, stale_after=stale_after, poll=poll):
+            yield
         return
-    import fcntl
+    from filelock import FileLock
 
     _, path = get_fs(lock_url)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    with FileLock(path):
+        yield
+
+
+@contextmanager
+def _object_lock(lock_url: str, *, stale_after: float, poll: float) -> Iterator[None]:
+    """A lease on an object store: create ``lock_url`` only if it does not exist, then keep it fresh.
+
+    The holder rewrites the object (with a new body) every ``stale_after / 4`` seconds (a heartbeat). A waiter polls;
+    when the object has not changed (same ETag) for ``stale_after`` seconds on the waiter's own clock,
+    its holder is taken to be dead (``kill -9``, lost machine) and the waiter deletes it and competes
+    again; no clocks are compared across machines. After its PUT the winner reads the object back and
+    checks its own token, so a store that ignores ``If-None-Match`` still lets one writer through in
+    all but the closest races. Shards are deterministic and published whole, so the worst a lost race
+    costs is the same shard built twice, never a wrong cache.
+    """
+    import socket
+    import threading
+
+    fs, path = get_fs(lock_url)
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
+    seen: tuple[str | None, float] | None = None  # (ETag, when this waiter first saw it)
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fs.pipe_file(path, token + b" 0", mode="create")
+            if fs.cat_file(path).split(b" ")[0] == token:
+                break
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise CacheError(f"{lock_url}: cannot create the lock object ({e})") from None
+        try:
+            etag = fs.info(path, refresh=True).get("ETag")
+        except FileNotFoundError:
+            seen = None
+            continue
+        now = time.monotonic()
+        if seen is None or seen[0] != etag:
+            seen = (etag, now)
+        elif now - seen[1] > stale_after:
+            try:
+                if fs.info(path, refresh=True).get("ETag") == etag:
+                    fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            seen = None
+            continue
+        time.sleep(poll)
+
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        beats = 0
+        while not stop.wait(stale_after / 4):
+            beats += 1  # a new body each beat, so a new ETag: waiters see the holder is alive
+            try:
+                fs.pipe_file(path, token + f" {beats}".encode())
+            except OSError:
+                pass  # the next beat retries; a lease lost here costs at most a duplicated shard
+
+    beat = threading.Thread(target=heartbeat, name=f"lock-heartbeat {lock_url}", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        try:
+            if fs.cat_file(path).split(b" ")[0] == token:
+                fs.rm_file(path)
+        except (FileNotFoundError, OSError):
+            pass
 
 
 class ShardedCachePlan:
