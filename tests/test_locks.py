@@ -142,3 +142,26 @@ def test_two_extractions_into_one_s3_cache_do_each_shard_once(make_cfg, s3_env, 
     cfg = load_config(None, sets)
     _, manifest = extract(cfg, resolve_inputs(cfg, progress=False), progress=False)
     assert manifest["stats"]["shards_reused"] == 6
+
+
+@pytest.mark.slow
+def test_two_distillations_of_one_run_take_turns(tmp_path):
+    """Two identical distillations at once: the second waits for the first's run lock, then reuses its
+    final checkpoint instead of deleting the checkpoint the first is loading; both end with the same
+    metrics."""
+    sets = ["data.limit=120", "teacher.name=test_vit", "teacher.pretrained=false", "distill.epochs=4",
+            "distill.checkpoint_every=1", "distill.register_as=null", "distill.batch_size=16",
+            f"cache.root={tmp_path}/cache"]
+    args = [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "vitdistill.distill.stage", *args, "--result",
+                               str(tmp_path / f"r{i}.json")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    a, b = (json.loads((tmp_path / f"r{i}.json").read_text())["metrics"] for i in range(2))
+    assert sorted([a["resumed_from_step"], b["resumed_from_step"]]) == [0, a["steps"]]  # one trained, one reused
+    for key in ("student_top1", "agreement", "kl", "steps"):
+        assert a[key] == b[key], key
+    ckpts = list((tmp_path / "cache").glob("distill/*/checkpoints/step-*.pt"))
+    assert len(ckpts) == 1  # the older ones were dropped, the last one kept

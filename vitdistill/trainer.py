@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -271,6 +272,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def fit(self) -> TrainResult:
+        """Train to ``cfg.epochs``, resuming from the run directory's checkpoint when there is one.
+
+        One training at a time per checkpoint directory: rank 0 holds ``run.lock`` there for all ranks,
+        so a second run of the same configuration waits, then resumes from (or reuses) the first one's
+        checkpoints instead of deleting the checkpoint the first is loading."""
+        if self.cfg.checkpoint_dir is None:
+            return self._fit()
+        with fs.exclusive(fs.join(self.cfg.checkpoint_dir, "run.lock")) if self.rank == 0 else nullcontext():
+            barrier()
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         t0 = time.perf_counter()
         resumed = self.maybe_resume()
         net: nn.Module = self.model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from fsspec.core import url_to_fs
 from vitdistill.errors import CacheError, DataError
 
 _TMP_PREFIX = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 def is_remote(url: str) -> bool:
@@ -196,12 +198,20 @@ def exclusive(lock_url: str, *, stale_after: float = LOCK_STALE_AFTER, poll: flo
         with _object_lock(lock_url, stale_after=stale_after, poll=poll):
             yield
         return
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     _, path = get_fs(lock_url)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with FileLock(path):
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s is held by another writer; waiting for it", lock_url)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -228,7 +238,8 @@ def _object_lock(lock_url: str, *, stale_after: float, poll: float) -> Iterator[
             if fs.cat_file(path).split(b" ")[0] == token:
                 break
         except FileExistsError:
-            pass
+            if seen is None:
+                log.info("%s is held by another writer; waiting for it", lock_url)
         except OSError as e:
             raise CacheError(f"{lock_url}: cannot create the lock object ({e})") from None
         try:

@@ -343,6 +343,7 @@ def train_metrics(result: TrainResult, num_train: int, cache_seconds: float) -> 
     train_s = sum(h["seconds"] for h in result.history)
     out["train_seconds"] = train_s
     out["steps"] = float(result.step)
+    out["resumed_from_step"] = float(result.resumed_from or 0)
     if train_s > 0:
         out["train_images_per_s"] = num_train * len(result.history) / train_s
     out["view_cache_seconds"] = cache_seconds
