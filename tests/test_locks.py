@@ -165,3 +165,19 @@ def test_two_distillations_of_one_run_take_turns(tmp_path):
         assert a[key] == b[key], key
     ckpts = list((tmp_path / "cache").glob("distill/*/checkpoints/step-*.pt"))
     assert len(ckpts) == 1  # the older ones were dropped, the last one kept
+
+
+def test_two_first_commands_create_one_sqlite_tracking_database(tmp_path):
+    """Two processes open a tracking database that does not exist yet: both get a working store
+    (without the lock beside mlflow.db one fails with 'duplicate column name')."""
+    script = textwrap.dedent(f"""
+        from vitdistill.config import TrackingConfig
+        from vitdistill.tracking import Tracker
+        t = Tracker(TrackingConfig(uri="sqlite:///{tmp_path}/mlflow.db"))
+        t.end_run(t.start_run("x"))
+        print("ok")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-1500:] for _, e in outs]

@@ -26,6 +26,42 @@ _MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LEN = 6000
 
 
+def sqlite_init_lock(uri: str):
+    """A lock beside a ``sqlite:///`` tracking database (a no-op for other URIs): two first commands
+    would otherwise both create its tables and one would fail (``duplicate column name``)."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    path = uri[len("sqlite:///"):].split("?")[0]
+    if not path or path == ":memory:":
+        return nullcontext()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return FileLock(f"{path}.lock")
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process opened a run (host, pid, process start time): how a stale RUNNING run is told apart."""
+    import socket
+
+    import psutil
+
+    return {"vitdistill.host": socket.gethostname(), "vitdistill.pid": str(os.getpid()),
+            "vitdistill.pid_started": repr(psutil.Process().create_time())}
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and (started is None or repr(p.create_time()) == started)
+    except psutil.Error:
+        return False
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig) -> None:
         from mlflow.tracking import MlflowClient
@@ -33,9 +69,10 @@ class Tracker:
         self.uri = cfg.resolved_uri()
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_name = cfg.experiment
-        exp = self.client.get_experiment_by_name(cfg.experiment)
+        with sqlite_init_lock(self.uri):  # the first client creates the tables: one process at a time
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_name = cfg.experiment
+            exp = self.client.get_experiment_by_name(cfg.experiment)
         if exp is None:
             try:
                 self.experiment_id = self.client.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
@@ -49,7 +86,7 @@ class Tracker:
 
     # ------------------------------------------------------------------ runs
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        all_tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        all_tags = {**owner_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -57,6 +94,26 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def close_stale_runs(self) -> list[str]:
+        """Mark KILLED the RUNNING runs of this experiment whose process, on this host, is gone (a
+        ``kill -9`` or OOM kill leaves them RUNNING forever); returns their ids. Runs started on another
+        host, or by a process that still lives, are left alone."""
+        import socket
+
+        host = socket.gethostname()
+        stale = []
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            tags = run.data.tags
+            if tags.get("vitdistill.host") != host or "vitdistill.pid" not in tags:
+                continue
+            if _process_alive(int(tags["vitdistill.pid"]), tags.get("vitdistill.pid_started")):
+                continue
+            self.client.set_tag(run.info.run_id, "vitdistill.ended_by",
+                                f"process {tags['vitdistill.pid']} on {host} ended without closing the run")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            stale.append(run.info.run_id)
+        return stale
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

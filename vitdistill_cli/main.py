@@ -26,6 +26,8 @@ from rich.table import Table
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry lookups fail offline
 os.environ.setdefault("PREFECT_UI_ENABLED", "true")
+# the ephemeral API's start-up wait (Prefect's default, 20 s, is too short on a loaded 2-core machine)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 app = typer.Typer(
     name="vitdistill",
@@ -120,7 +122,11 @@ def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
         return fn()
     try:
         return fn()
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        err.print("interrupted; what finished is kept (caches, shards, checkpoints): run the same command "
+                  "again to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
         raise
     except BaseException as e:  # every failure becomes one line on stderr
         from vitdistill.errors import VitdistillError
@@ -199,7 +205,14 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
     check_prefect_api()
     from vitdistill.tracking import get_tracker
 
-    get_tracker(cfg.tracking)  # an unreachable MLflow server fails here
+    tracker = get_tracker(cfg.tracking)  # an unreachable MLflow server fails here
+    stale = tracker.close_stale_runs()  # runs a killed earlier command left RUNNING
+    if stale:
+        err.print(f"marked {len(stale)} MLflow run(s) KILLED that an earlier, killed command left RUNNING",
+                  highlight=False)
+    from vitdistill_cli import watchdog
+
+    watchdog.start()  # a kill -9 of this command then still stops the ephemeral Prefect server it starts
     importlib.import_module("flows.pipeline")  # sets up Prefect's logging, whose handlers are then quietened
 
     if not debug:
