@@ -117,7 +117,7 @@ def test_every_evaluator_declares_what_it_needs_and_what_it_yields(name):
 
 def test_plot_names_are_unique_over_evaluators():
     names = [p.name for n in list_evaluators() for p in evaluator_class(n).plots]
-    assert len(names) == len(set(names)) == len(list_evaluators())
+    assert len(names) == len(set(names)) and "reliability" in names
 
 
 @pytest.mark.parametrize("name, inputs", [
