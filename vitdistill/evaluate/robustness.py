@@ -47,7 +47,8 @@ def accuracy_by_severity(metrics: dict[str, dict[str, float]], tables: dict[str,
         for model, by_sev in curves[name].items():
             clean = metrics[model].get("clean_accuracy")
             sev = sorted(by_sev)
-            xs, ys = ([0] if clean is not None else []) + sev, ([clean] if clean is not None else []) + [by_sev[s] for s in sev]
+            start = ([0], [clean]) if clean is not None else ([], [])  # severity 0: the clean accuracy
+            xs, ys = start[0] + sev, start[1] + [by_sev[s] for s in sev]
             ax.plot(xs, ys, "o-", color=COLOURS.get(model, "grey"), label=model, markersize=3)
         ax.set(title=name, xlabel="severity", ylabel="accuracy", ylim=(0, 1.02))
         ax.grid(alpha=0.3)

@@ -65,7 +65,8 @@ def accuracy_per_group(metrics: dict[str, dict[str, float]], tables: dict[str, d
                 groups.setdefault(model, {})[fields["group"]] = v
     if not groups:
         return None
-    names = sorted({g for by in groups.values() for g in by}, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else g))
+    names = sorted({g for by in groups.values() for g in by},
+                   key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else g))  # class indices numerically
     x = np.arange(len(names))
     w = 0.8 / len(groups)
     fig = new_figure(max(5.0, 0.5 * len(names) + 2), 3.4)

@@ -29,9 +29,11 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "distill": ("student_top1", "teacher_top1", "agreement", "student_params", "teacher_params"),
     "evaluate": (),
 }
+
+
 def fmt(v: Any, spec: str | None = None) -> str:
-    """Numbers for people: NaN as '-'; with a format ``spec`` (a metric's declared ``fmt``) that, else counts
-    with separators, large values in M, else 4 significant digits."""
+    """Numbers for people: None and NaN as '-'; else ``format(v, spec)`` when a metric declares a format
+    ``spec``; else counts with separators, millions as M, anything else to 4 significant digits."""
     if v is None:
         return "-"
     if isinstance(v, float) and math.isnan(v):
