@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
+from vitdistill.config import VitdistillConfig
 from vitdistill.errors import ConfigError, DataError, RegistryError
 from vitdistill.evaluate import (
+    INPUTS,
+    MODELS,
     Classifier,
     Evaluator,
+    Metric,
     RobustnessEvaluator,
     corrupt,
     create_evaluator,
     cue_conflict_arrays,
+    describe_metric,
+    evaluator_class,
     expected_calibration_error,
     list_corruptions,
     list_evaluators,
@@ -95,6 +101,49 @@ def test_registry_lists_the_four_evaluators_and_names_them_in_errors():
         create_evaluator("shape_bais")
     assert "did you mean 'shape_bias'" in str(err.value)
     assert all(name in str(err.value) for name in list_evaluators())
+
+
+@pytest.mark.parametrize("name", list_evaluators())
+def test_every_evaluator_declares_what_it_needs_and_what_it_yields(name):
+    """Title, inputs the stage provides, models, config paths that exist in the one config, metrics and plots."""
+    cls = evaluator_class(name)
+    assert cls.title and cls.metrics and set(cls.inputs) <= set(INPUTS) and set(cls.models) <= set(MODELS)
+    assert isinstance(cls.from_config(VitdistillConfig()), cls)  # every declared config path resolves
+    assert all(m.better in ("higher", "lower", None) and m.label and m.description for m in cls.metrics)
+    assert any(m.headline for m in cls.metrics)
+    names = [p.name for p in cls.plots]
+    assert len(names) == len(set(names)) and not {"headline", "data_efficiency"} & set(names)
+
+
+def test_plot_names_are_unique_over_evaluators():
+    names = [p.name for n in list_evaluators() for p in evaluator_class(n).plots]
+    assert len(names) == len(set(names)) and "reliability" in names
+
+
+@pytest.mark.parametrize("name, inputs", [
+    ("calibration", ()),
+    ("robustness", ()),
+    ("subgroup", ("groups",)),
+])
+def test_every_metric_an_evaluator_yields_is_declared_once_in_the_catalogue(name, inputs):
+    images, labels, means = half_images(8)
+    extra = {"groups": labels % 2} if inputs else {}
+    ev = evaluator_class(name).from_config(VitdistillConfig())
+    for key, _ in ev.run(NearestMeanClassifier(means), images, labels, **extra):
+        assert describe_metric(f"{name}/{key}") is not None, key
+
+
+def test_metric_families_match_their_fields_and_fill_their_labels():
+    drop = Metric("accuracy/{corruption}/{severity:int}", "accuracy: {corruption}, severity {severity}", "higher")
+    assert drop.match("accuracy/jpeg/3") == {"corruption": "jpeg", "severity": "3"}
+    assert drop.match("accuracy/jpeg/high") is None and drop.match("mean_accuracy/jpeg/3") is None
+    assert drop.label_for("accuracy/gaussian_noise/5") == "accuracy: gaussian_noise, severity 5"
+    rank, spec = describe_metric("robustness/relative_drop/occlusion")
+    assert spec.headline and spec.better == "lower"  # the structural corruptions are headlines ...
+    assert not describe_metric("robustness/relative_drop/jpeg")[1].headline  # ... the family is not
+    assert describe_metric("calibration/nonsense") is None and describe_metric("nonsense/ece") is None
+    with pytest.raises(ValueError, match="better='up'"):
+        Metric("x", "x", "up")
 
 
 def test_unknown_corruption_and_severity_name_the_valid_choices():

@@ -8,7 +8,9 @@ import torch
 
 from vitdistill.data.ingest import resolve_inputs
 from vitdistill.data.shapes import CLASSES
-from vitdistill.evaluate.stage import StudentClassifier, load_test_images, run_evaluate
+from vitdistill.evaluate import INPUTS
+from vitdistill.evaluate import stage
+from vitdistill.evaluate.stage import StageInputs, StudentClassifier, load_test_images, run_evaluate
 from vitdistill.extract import extract
 
 
@@ -61,3 +63,18 @@ def test_evaluate_stage_on_shapes_with_teacher_and_student(make_cfg):
 def test_student_classifier_resizes_and_normalises():
     logits = StudentClassifier(TinyStudent()).predict(np.zeros((3, 40, 40, 3), dtype=np.uint8))
     assert logits.shape == (3, len(CLASSES)) and np.isfinite(logits).all()
+
+
+def test_stage_inputs_provide_every_declared_input_and_skip_what_the_run_lacks(make_cfg):
+    data = stage.TestImages(np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1]), np.array(["a", "b"]), "class")
+    shapes = StageInputs(make_cfg("data.source=shapes", "evaluate.cue_conflict_images=36"), data, {"teacher": "T"})
+    assert set(shapes.providers) == set(INPUTS)
+    args = shapes.arguments(("cue_conflict", "teacher"))
+    assert set(args) == {"images", "labels", "texture_labels", "teacher"} and args["teacher"] == "T"
+    assert args["images"].shape == (36, 64, 64, 3) and len(args["labels"]) == len(args["texture_labels"]) == 36
+    other = StageInputs(make_cfg("data.source=digits"), data, {"teacher": "T"})
+    assert other.arguments(("test_images", "cue_conflict")) is None  # no cue-conflict set off the shapes data
+    args = other.arguments(("test_images", "labels", "groups"))
+    assert args["images"] is data.images and args["labels"] is data.labels and args["groups"] is data.groups
+    with pytest.raises(TypeError, match="'nope' has no provider; valid inputs: test_images, labels"):
+        other.arguments(("nope",))

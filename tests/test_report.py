@@ -6,16 +6,21 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from tests.test_evaluate_stage import TinyStudent
 from vitdistill.config import TrackingConfig
 from vitdistill.data.ingest import resolve_inputs
-from vitdistill.errors import ConfigError
-from vitdistill.evaluate.stage import run_evaluate
+from vitdistill.errors import ConfigError, RegistryError
+from vitdistill.evaluate import EVALUATORS, Evaluator, Metric, Plot
+from vitdistill.evaluate.base import labelled_logits, predict_logits
+from vitdistill.evaluate.plotting import new_figure
+from vitdistill.evaluate.stage import StudentClassifier, TeacherProbe, run_evaluate
 from vitdistill.extract import extract
-from vitdistill.report import build_report, compare, gather_run, tally
-from vitdistill.report.render import fmt
+from vitdistill.report import build_report, compare, describe, gather_run, tally
+from vitdistill.report.gather import PipelineRun, StageRun
+from vitdistill.report.render import fmt, render_html
 from vitdistill.tracking import Tracker
 
 
@@ -93,7 +98,7 @@ def evaluated(tmp_path_factory):
         "evaluate": {"metrics": report.metrics, "figures": report.figures, "tables": report.tables},
     })
     return {"tmp": tmp, "cfg": cfg, "tracker": tracker, "parent": parent, "children": children,
-            "metrics": report.metrics}
+            "metrics": report.metrics, "cache_dir": plan.cache_dir}
 
 
 def test_report_reads_the_run_back_and_compares_every_evaluation(evaluated):
@@ -175,3 +180,111 @@ def test_report_flow_publishes_a_prefect_artifact(prefect_harness, evaluated):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["vitdistill-report"])))
     assert arts and arts[0].type == "markdown" and result["verdict"] in str(arts[0].data)
+
+
+# ----------------------------------------------------------------------------- a new evaluator is one registration
+
+
+def _error_bars(metrics, tables):
+    fig = new_figure(3, 2)
+    fig.add_subplot().bar(list(metrics), [v["error_rate"] for v in metrics.values()])
+    return fig
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    """The evaluator registry for one test: what a test registers is gone after it."""
+    monkeypatch.setattr(EVALUATORS, "_entries", dict(EVALUATORS._entries))
+
+
+def test_a_registered_evaluator_reaches_the_stage_the_catalogue_and_the_report(evaluated, toy_registry):
+    """Two toy evaluators, registered here and nowhere else: a per-model one with one declared metric and a
+    plot, and a student-only one that takes the teacher as an input."""
+    seen = []
+
+    @EVALUATORS.register("toy_error")
+    class ToyError(Evaluator):
+        title = "Toy <error> rate"
+        metrics = (Metric("error_rate", "top-1 error (toy)", "lower", headline=True, short="toy error",
+                          description="1 - top-1 accuracy", fmt=".3f"),)
+        plots = (Plot("toy_error_bars", _error_bars),)
+
+        def run(self, classifier, images, labels, **extra):
+            _, labels, logits = labelled_logits(classifier, images, labels)
+            yield "error_rate", float(np.mean(logits.argmax(1) != labels))
+
+    @EVALUATORS.register("toy_agreement")
+    class ToyAgreement(Evaluator):
+        title = "Toy agreement"
+        inputs = ("test_images", "teacher")
+        models = ("student",)
+        metrics = (Metric("top1", "top-1 agreement with the teacher", "higher", description="same top-1 class"),)
+
+        def run(self, classifier, images, labels=None, *, teacher, **extra):
+            seen.append((classifier, teacher))
+            same = predict_logits(classifier, images).argmax(1) == predict_logits(teacher, images).argmax(1)
+            yield "top1", float(np.mean(same))
+
+    cfg = evaluated["cfg"].model_copy(update={"evaluate": evaluated["cfg"].evaluate.model_copy(
+        update={"evaluators": ["calibration", "toy_error", "toy_agreement"]})})
+    report = run_evaluate(cfg, evaluated["cache_dir"], TinyStudent())
+    m = report.metrics
+    for who in ("teacher", "student"):  # the toy's metric is 1 - the calibration evaluator's accuracy
+        assert m[f"{who}/toy_error/error_rate"] == pytest.approx(1 - m[f"{who}/calibration/accuracy"])
+    assert "teacher/toy_agreement/top1" not in m and 0 <= m["student/toy_agreement/top1"] <= 1
+    assert len(seen) == 1 and isinstance(seen[0][0], StudentClassifier) and isinstance(seen[0][1], TeacherProbe)
+    assert "toy error" in report.headline
+
+    assert describe("toy_error/error_rate") == ("top-1 error (toy)", "lower", True)  # the catalogue
+    tracker, tmp = evaluated["tracker"], evaluated["tmp"]
+    parent, _ = _log_pipeline(tracker, {"evaluate": {"metrics": m, "figures": report.figures, "tables": report.tables}})
+    result = build_report(tracker, parent, str(tmp / "reports"), stage_figures=False)
+    rows = {r["key"]: r for r in result.rows}
+    toy, accuracy = rows["toy_error/error_rate"], rows["calibration/accuracy"]
+    assert toy["label"] == "top-1 error (toy)" and toy["better"] == "lower" and toy["headline"]
+    assert toy["winner"] == accuracy["winner"] != "tie"  # lower error wins where higher accuracy does
+    assert rows["toy_agreement/top1"]["teacher"] is None and rows["toy_agreement/top1"]["winner"] is None
+    page = open(result.html_path, encoding="utf-8").read()
+    assert "<h2>Toy &lt;error&gt; rate</h2>" in page and "<h2>Toy agreement</h2>" in page
+    assert re.search(r'<td title="1 - top-1 accuracy">top-1 error \(toy\)</td><td>'
+                     + re.escape(f"{toy['teacher']:.3f}</td><td>{toy['student']:.3f}</td>") + r".*?&darr; lower", page)
+    assert '<img alt="toy_error"' in page
+    assert "report/toy_error_bars.png" in {a.path for a in tracker.client.list_artifacts(parent, "report")}
+
+
+def test_the_stage_rejects_unknown_evaluators_and_undeclared_metrics(evaluated, toy_registry):
+    @EVALUATORS.register("toy_sloppy")
+    class Sloppy(Evaluator):
+        title = "sloppy"
+        metrics = (Metric("declared", "declared", "higher"),)
+
+        def run(self, classifier, images, labels, **extra):
+            yield "declared", 1.0
+            yield "undeclared", 0.0
+
+    def with_evaluators(*names):
+        return evaluated["cfg"].model_copy(update={"evaluate": evaluated["cfg"].evaluate.model_copy(
+            update={"evaluators": list(names)})})
+
+    with pytest.raises(RegistryError, match="did you mean 'calibration'"):
+        run_evaluate(with_evaluators("calibraton"), evaluated["cache_dir"])
+    with pytest.raises(TypeError, match="'toy_sloppy' yielded 'undeclared', which none of Sloppy.metrics declares"):
+        run_evaluate(with_evaluators("toy_sloppy"), evaluated["cache_dir"])
+
+
+def test_the_page_escapes_markup_from_run_names_class_names_and_config():
+    """The template autoescapes: markup in a run name, a group (class) name, a param, a figure path or the
+    config shows as text."""
+    evil = "<script>alert('x')</script>"
+    metrics = {f"{m}/subgroup/accuracy/{evil}": 0.5 for m in ("teacher", "student")}
+    evaluate = StageRun("evaluate", "e1", "FINISHED", 1, 2, metrics, {}, figures={f"{evil}.png": b"png"})
+    run = PipelineRun(run_id="r1", name=f"run {evil}", status="FINISHED", experiment_id="0",
+                      experiment_name=f"exp {evil}", tracking_uri="sqlite:///m.db", run_url=None, start_ms=1,
+                      end_ms=2, tags={"prefect.flow_run_name": evil}, params={"teacher.name": evil},
+                      config_yaml=f"data:\n  root: {evil}\n", stages={"evaluate": evaluate})
+    page = render_html(run, compare(metrics), {})
+    assert "<script" not in page and "alert('x')" not in page
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    assert f"<title>vitdistill report: run {escaped}</title>" in page
+    assert f"accuracy of group {escaped}</td>" in page and f"root: {escaped}" in page
+    assert page.count(escaped) >= 7  # title, h1, experiment, flow, teacher, group row, figure path x2, config

@@ -1,15 +1,31 @@
-"""The evaluator interface: the :class:`Classifier` protocol, input checks and the registry.
+"""The evaluator interface: the :class:`Classifier` protocol, declared metrics, input checks and the registry.
 
-An evaluator is a small class built from config (``create_evaluator(name, **kw)``) whose
-``run(classifier, images, labels, **extra)`` yields ``(metric_name, float)`` pairs, as in
-big_vision. Evaluators that draw keep the figures of their last ``run`` and return them from
-``figures()`` as ``{name: matplotlib.figure.Figure}``; those with data behind a figure that a report
-may redraw (reliability bins) return it from ``tables()`` as ``{name: rows}``. Both default to ``{}``.
+An evaluator is a small class built from config whose ``run(classifier, images, labels, **extra)``
+yields ``(metric_name, float)`` pairs, as in big_vision. Each class describes itself, so the evaluate
+stage runs it and the report shows it without knowing its name:
+
+- ``title``: the report's section heading;
+- ``inputs``: what the stage passes to ``run`` (names from :data:`INPUTS`: the test images, their
+  labels and groups, the cue-conflict set, the teacher);
+- ``models``: which of the evaluated models it measures (``teacher``, ``student``);
+- ``config``: constructor argument -> dotted path in :class:`~vitdistill.config.VitdistillConfig`
+  (the config is defined there only); :meth:`Evaluator.from_config` builds the evaluator from it;
+- ``metrics``: a :class:`Metric` per metric it yields, or per family (``relative_drop/{corruption}``),
+  with its direction, whether it is a headline, a description and a format. A name it yields that
+  none of them matches is an error of the evaluator;
+- ``plots``: the report's :class:`Plot` figures, redrawn from both models' metrics and tables.
+
+Evaluators that draw keep the figures of their last ``run`` and return them from ``figures()`` as
+``{name: matplotlib.figure.Figure}``; those with data behind a figure that a report may redraw
+(reliability bins) return it from ``tables()`` as ``{name: rows}``. Both default to ``{}``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, runtime_checkable
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -25,8 +41,93 @@ class Classifier(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray: ...
 
 
+# The models the evaluate stage measures, in report order.
+MODELS = ("teacher", "student")
+
+# What the evaluate stage can pass to an evaluator's ``run``: input name -> what it is (and the arguments it fills).
+INPUTS: dict[str, str] = {
+    "test_images": "the test split's images, uint8 (N, H, W, 3): run(images=)",
+    "labels": "the test images' class indices (N,): run(labels=)",
+    "groups": "the test images' subgroup (evaluate.group_by: class, colour, ...) (N,): run(groups=)",
+    "cue_conflict": "cue-conflict images (the shape of one class, the texture of another; data.source=shapes "
+                    "only): run(images=, labels=shape labels, texture_labels=)",
+    "teacher": "the teacher classifier, for evaluators that score a model against it: run(teacher=)",
+}
+
+Direction = Literal["higher", "lower"]
+_FIELD = re.compile(r"\{(\w+)(?::(int))?\}")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric an evaluator yields, or a family: ``{field}`` in ``name`` matches any text
+    (``{field:int}`` digits only), and ``label`` may use the fields.
+
+        Metric("relative_drop/{corruption}", "relative drop: {corruption}", "lower")
+    """
+
+    name: str
+    label: str  # for people, in the report's tables and figures
+    better: Direction | None  # None: a count or a descriptive number, no winner
+    headline: bool = False  # among the numbers a reader looks at first (the report's headline table, the tally)
+    description: str = ""
+    fmt: str | None = None  # a format spec for the report (",.0f"); None: 4 significant digits
+    detail: bool = False  # folded away under the evaluator's main table (per-severity numbers)
+    short: str | None = None  # in the stage's one-line summary ("ECE 0.059"); None: left out
+
+    def __post_init__(self) -> None:
+        if self.better not in ("higher", "lower", None):
+            raise ValueError(f"metric {self.name!r}: better={self.better!r}; expected 'higher', 'lower' or None")
+
+    @functools.cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        parts, pos = [], 0
+        for m in _FIELD.finditer(self.name):
+            parts += [re.escape(self.name[pos:m.start()]), rf"(?P<{m[1]}>{'[0-9]+' if m[2] else '.+'})"]
+            pos = m.end()
+        return re.compile("".join(parts) + re.escape(self.name[pos:]))
+
+    def match(self, metric: str) -> dict[str, str] | None:
+        """The fields of ``metric`` if this spec names it (``{}`` for a plain name), else None."""
+        m = self._pattern.fullmatch(metric)
+        return None if m is None else m.groupdict()
+
+    def label_for(self, metric: str) -> str:
+        """The label of ``metric`` with its fields filled in (``relative drop: jpeg``)."""
+        return self.label.format(**(self.match(metric) or {}))
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A report figure: ``draw(metrics, tables)`` with ``metrics = {model: {metric: value}}`` and
+    ``tables = {model: {table: rows}}`` of this evaluator (as its ``run`` yielded them and its
+    ``tables()`` returned them), returning a Figure, or None when the run has nothing to draw.
+    ``name`` is the figure's file name in the report (``report/<name>.png``), unique over evaluators."""
+
+    name: str
+    draw: Callable[[dict[str, dict[str, float]], dict[str, dict[str, Any]]], Figure | None]
+
+
 class Evaluator:
-    """Base of the evaluators: ``run`` yields ``(name, value)``; ``figures`` returns the last run's figures."""
+    """Base of the evaluators: ``run`` yields ``(name, value)``; ``figures`` returns the last run's figures.
+    Subclasses declare what they need and what they yield (see the module doc)."""
+
+    title: ClassVar[str] = ""
+    inputs: ClassVar[tuple[str, ...]] = ("test_images", "labels")
+    models: ClassVar[tuple[str, ...]] = MODELS
+    config: ClassVar[dict[str, str]] = {}
+    metrics: ClassVar[tuple[Metric, ...]] = ()
+    plots: ClassVar[tuple[Plot, ...]] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Evaluator":
+        """Built with each declared ``config`` argument read from ``cfg`` (a VitdistillConfig)."""
+        return cls(**{arg: config_value(cfg, path) for arg, path in cls.config.items()})
+
+    @classmethod
+    def metric(cls, name: str) -> tuple[int, Metric] | None:
+        """``(rank, spec)`` of the first declared metric that names ``name``, else None."""
+        return next(((i, m) for i, m in enumerate(cls.metrics) if m.match(name) is not None), None)
 
     def run(
         self, classifier: Classifier, images: np.ndarray, labels: np.ndarray, **extra: Any
@@ -41,6 +142,31 @@ class Evaluator:
 
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
+
+
+def evaluator_class(name: str) -> type[Evaluator]:
+    """The class registered as ``name`` (RegistryError naming the valid ones if there is none)."""
+    entry = EVALUATORS.get(name)
+    if not (isinstance(entry, type) and issubclass(entry, Evaluator)):
+        raise TypeError(f"evaluator {name!r} is registered as {entry!r}; expected a subclass of Evaluator")
+    return entry
+
+
+def config_value(cfg: Any, path: str) -> Any:
+    """``cfg`` at the dotted ``path`` (``evaluate.severities``)."""
+    value = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def describe_metric(key: str) -> tuple[int, Metric] | None:
+    """``(rank, spec)`` of an ``<evaluator>/<metric>`` key from the registry; None for an unknown
+    evaluator or an undeclared metric (a run logged before the metric was declared)."""
+    evaluator, _, metric = key.partition("/")
+    if evaluator not in EVALUATORS:
+        return None
+    return evaluator_class(evaluator).metric(metric)
 
 
 def create_evaluator(name: str, **kwargs: Any) -> Evaluator:

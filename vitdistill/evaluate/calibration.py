@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from vitdistill.errors import DataError
@@ -20,10 +19,13 @@ from vitdistill.evaluate.base import (
     EVALUATORS,
     Classifier,
     Evaluator,
+    Metric,
+    Plot,
     check_label_range,
     check_labels,
     labelled_logits,
 )
+from vitdistill.evaluate.plotting import COLOURS, new_figure
 
 NUM_BINS = 15  # the usual choice since Guo et al. 2017
 
@@ -102,8 +104,7 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def reliability_figure(bins: ReliabilityBins, title: str = "reliability") -> Figure:
     """Accuracy per confidence bin against the diagonal, with the gap shaded; built without pyplot."""
-    fig = Figure(figsize=(4.5, 4.5))
-    FigureCanvasAgg(fig)
+    fig = new_figure(4.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     width = np.diff(bins.edges)  # (M,)
     centres = bins.edges[:-1] + width / 2
@@ -125,9 +126,45 @@ def reliability_figure(bins: ReliabilityBins, title: str = "reliability") -> Fig
     return fig
 
 
+def reliability_overlay(metrics: dict[str, dict[str, float]], tables: dict[str, dict]) -> Figure | None:
+    """Every model's reliability curve (accuracy against confidence per bin) on one diagonal."""
+    bins = {model: t["reliability"] for model, t in tables.items() if t.get("reliability")}
+    if not bins:
+        return None
+    fig = new_figure(4.8, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for model, rows in bins.items():
+        used = [r for r in rows if r.get("count") and r.get("accuracy") is not None]
+        conf = [r["confidence"] for r in used]
+        acc = [r["accuracy"] for r in used]
+        size = [12 + 60 * r["count"] / max(x["count"] for x in used) for r in used]
+        ax.plot(conf, acc, "-", color=COLOURS.get(model, "grey"), alpha=0.7)
+        ax.scatter(conf, acc, s=size, color=COLOURS.get(model, "grey"), label=model, zorder=3)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (bin mean)", ylabel="accuracy",
+           title="reliability (marker size: images in bin)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 @EVALUATORS.register("calibration")
 class CalibrationEvaluator(Evaluator):
     """Yields ``ece``, ``mce``, ``nll``, ``accuracy``; ``figures()`` gives ``{"reliability": Figure}``."""
+
+    title = "Calibration"
+    inputs = ("test_images", "labels")
+    metrics = (
+        Metric("accuracy", "clean top-1 accuracy", "higher", headline=True, short="top-1",
+               description="share of test images whose top-1 class is the label"),
+        Metric("ece", f"expected calibration error ({NUM_BINS} bins)", "lower", headline=True, short="ECE",
+               description="count-weighted mean |accuracy - confidence| over equal-width confidence bins"),
+        Metric("mce", "maximum calibration error", "lower",
+               description="largest |accuracy - confidence| over non-empty bins"),
+        Metric("nll", "negative log-likelihood", "lower", headline=True,
+               description="mean -log p(label), in nats"),
+    )
+    plots = (Plot("reliability", reliability_overlay),)
 
     def __init__(self, num_bins: int = NUM_BINS, batch_size: int | None = None) -> None:
         self.num_bins = num_bins

@@ -19,7 +19,7 @@ from vitdistill.config import VitdistillConfig
 from vitdistill.data.ingest import resolve_inputs
 from vitdistill.data.shards import SplitRule, iter_samples
 from vitdistill.errors import DataError
-from vitdistill.evaluate import create_evaluator
+from vitdistill.evaluate.base import INPUTS, describe_metric, evaluator_class
 from vitdistill.evaluate.shape_bias import cue_conflict_arrays
 from vitdistill.models.teachers import Teacher, create_teacher
 
@@ -126,44 +126,81 @@ class EvaluateReport:
     headline: str = ""
 
 
+class StageInputs:
+    """What the evaluate stage can pass to evaluators (:data:`~vitdistill.evaluate.base.INPUTS`), each built
+    once, on first use: ``arguments(("test_images", "labels"))`` -> ``run`` keyword arguments, or None
+    when this run lacks one of them (no cue-conflict images off the shapes data)."""
+
+    def __init__(self, cfg: VitdistillConfig, data: TestImages, models: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.providers = {  # one per entry of INPUTS
+            "test_images": lambda: {"images": data.images},
+            "labels": lambda: {"labels": data.labels},
+            "groups": lambda: {"groups": data.groups},
+            "cue_conflict": self._cue_conflict,
+            "teacher": lambda: {"teacher": models["teacher"]},
+        }
+        self._built: dict[str, dict[str, Any] | None] = {}
+
+    def arguments(self, inputs: tuple[str, ...]) -> dict[str, Any] | None:
+        out: dict[str, Any] = {}
+        for name in inputs:
+            if name not in self.providers:
+                raise TypeError(f"evaluator input {name!r} has no provider; valid inputs: {', '.join(INPUTS)}")
+            if name not in self._built:
+                self._built[name] = self.providers[name]()
+            if self._built[name] is None:
+                return None
+            out.update(self._built[name])
+        return out
+
+    def _cue_conflict(self) -> dict[str, np.ndarray] | None:
+        if self.cfg.data.source != "shapes":
+            return None  # cue-conflict images exist for the shapes classes only
+        imgs, shape_labels, texture_labels = cue_conflict_arrays(
+            self.cfg.evaluate.cue_conflict_images, seed=self.cfg.data.seed, size=self.cfg.data.image_size)
+        return {"images": imgs, "labels": shape_labels, "texture_labels": texture_labels}
+
+
 def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module | None = None) -> EvaluateReport:
+    """Every evaluator in ``evaluate.evaluators``, built from its declared config, on its declared inputs, for
+    each model it measures: metrics ``<model>/<evaluator>/<metric>``, figures ``<model>_<evaluator>_<name>.png``,
+    tables ``<model>_<evaluator>_<name>`` and the ``teacher_vs_student`` table."""
+    classes = {name: evaluator_class(name) for name in cfg.evaluate.evaluators}  # unknown names fail before any work
     data = load_test_images(cfg)
     models: dict[str, Any] = {"teacher": TeacherProbe(create_teacher(cfg.teacher), cache_dir, cfg.probe)}
     if student is not None:
         models["student"] = StudentClassifier(student)
-    shapes = cfg.data.source == "shapes"
+    inputs = StageInputs(cfg, data, models)
     metrics: dict[str, float] = {}
     figures: dict[str, Any] = {}
     tables: dict[str, list[dict]] = {}
-    for who, clf in models.items():
-        for name in cfg.evaluate.evaluators:
-            if name == "shape_bias":
-                if not shapes:
-                    continue  # cue-conflict images exist for the shapes classes only
-                ev = create_evaluator(name)
-                imgs, s_lab, t_lab = cue_conflict_arrays(cfg.evaluate.cue_conflict_images, seed=cfg.data.seed,
-                                                         size=cfg.data.image_size)
-                pairs = ev.run(clf, imgs, s_lab, texture_labels=t_lab)
-            elif name == "robustness":
-                ev = create_evaluator(name, severities=tuple(cfg.evaluate.severities), seed=cfg.data.seed)
-                pairs = ev.run(clf, data.images, data.labels)
-            elif name == "subgroup":
-                ev = create_evaluator(name)
-                pairs = ev.run(clf, data.images, data.labels, groups=data.groups)
-            else:
-                ev = create_evaluator(name)
-                pairs = ev.run(clf, data.images, data.labels)
-            metrics.update({f"{who}/{name}/{k}": float(v) for k, v in pairs})
+    for name, cls in classes.items():
+        arguments = inputs.arguments(cls.inputs)
+        if arguments is None:
+            continue
+        for who in (m for m in cls.models if m in models):
+            ev = cls.from_config(cfg)
+            for key, value in ev.run(models[who], **arguments):
+                if cls.metric(key) is None:
+                    raise TypeError(f"evaluator {name!r} yielded {key!r}, which none of {cls.__name__}.metrics "
+                                    f"declares; declared: {', '.join(m.name for m in cls.metrics)}")
+                metrics[f"{who}/{name}/{key}"] = float(value)
             figures.update({f"{who}_{name}_{k}.png": fig for k, fig in ev.figures().items()})
             tables.update({f"{who}_{name}_{k}": rows for k, rows in ev.tables().items()})
     keys = sorted({k.split("/", 1)[1] for k in metrics})
     table = [{"metric": k, **{who: round(metrics.get(f"{who}/{k}", float("nan")), 4) for who in models}} for k in keys]
+    return EvaluateReport(metrics, figures, {"teacher_vs_student": table, **tables}, summary_line(metrics, models))
+
+
+def summary_line(metrics: dict[str, float], models: dict[str, Any]) -> str:
+    """``teacher: top-1 0.912, ECE 0.059, ...; student: ...`` from the metrics declared with a ``short`` name."""
     parts = []
     for who in models:
-        ece = metrics.get(f"{who}/calibration/ece")
-        drop = metrics.get(f"{who}/robustness/mean_relative_drop")
-        bits = [f"ECE {ece:.3f}" if ece is not None else "", f"corruption drop {drop:.2f}" if drop is not None else ""]
-        if f"{who}/shape_bias/shape_bias" in metrics:
-            bits.append(f"shape bias {metrics[f'{who}/shape_bias/shape_bias']:.2f}")
-        parts.append(f"{who}: " + ", ".join(b for b in bits if b))
-    return EvaluateReport(metrics, figures, {"teacher_vs_student": table, **tables}, "; ".join(parts))
+        bits = []
+        for key, value in metrics.items():
+            found = describe_metric(key.removeprefix(f"{who}/")) if key.startswith(f"{who}/") else None
+            if found and found[1].short:
+                bits.append(f"{found[1].short} {value:.3f}")
+        parts.append(f"{who}: " + ", ".join(bits))
+    return "; ".join(parts)

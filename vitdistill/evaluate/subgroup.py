@@ -6,14 +6,21 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from vitdistill.errors import DataError
 from vitdistill.evaluate.base import (
     EVALUATORS,
     Classifier,
     Evaluator,
+    Metric,
+    Plot,
     labelled_logits,
 )
+from vitdistill.evaluate.plotting import COLOURS, new_figure
+
+GROUP_ACCURACY = Metric("accuracy/{group}", "accuracy of group {group}", "higher",
+                        description="top-1 accuracy on the test images of one subgroup")
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,51 @@ def subgroup_accuracy(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) 
     )
 
 
+def accuracy_per_group(metrics: dict[str, dict[str, float]], tables: dict[str, dict]) -> Figure | None:
+    """Accuracy per subgroup, the models side by side, the worst group of each marked."""
+    groups: dict[str, dict[str, float]] = {}  # model -> group -> accuracy
+    for model, values in metrics.items():
+        for key, v in values.items():
+            fields = GROUP_ACCURACY.match(key)
+            if fields:
+                groups.setdefault(model, {})[fields["group"]] = v
+    if not groups:
+        return None
+    names = sorted({g for by in groups.values() for g in by},
+                   key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else g))  # class indices numerically
+    x = np.arange(len(names))
+    w = 0.8 / len(groups)
+    fig = new_figure(max(5.0, 0.5 * len(names) + 2), 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for j, model in enumerate(groups):
+        vals = [groups[model].get(g, np.nan) for g in names]
+        gap = metrics[model].get("accuracy_gap", np.nan)
+        ax.bar(x + (j - (len(groups) - 1) / 2) * w, vals, width=w, color=COLOURS.get(model, "grey"),
+               label=f"{model} (gap {gap:.2f})")
+        ax.axhline(np.nanmin(vals), color=COLOURS.get(model, "grey"), linestyle=":", linewidth=1)
+    ax.set_xticks(x, names)
+    ax.set(xlabel="group", ylabel="accuracy", ylim=(0, 1.05), title="accuracy per subgroup (dotted: worst group)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 @EVALUATORS.register("subgroup")
 class SubgroupEvaluator(Evaluator):
     """``run(classifier, images, labels, groups=...)`` yields ``accuracy/<group>`` per group, ``accuracy_gap``
     (max - min) and ``worst_group_accuracy``; :func:`subgroup_accuracy` also names the worst group.
     """
+
+    title = "Subgroup gaps"
+    inputs = ("test_images", "labels", "groups")
+    metrics = (
+        Metric("worst_group_accuracy", "worst-group accuracy", "higher", headline=True,
+               description="the lowest accuracy over the subgroups (evaluate.group_by)"),
+        Metric("accuracy_gap", "largest subgroup accuracy gap", "lower", headline=True,
+               description="highest minus lowest subgroup accuracy"),
+        GROUP_ACCURACY,
+    )
+    plots = (Plot("subgroup", accuracy_per_group),)
 
     def __init__(self, batch_size: int | None = None) -> None:
         self.batch_size = batch_size

@@ -47,15 +47,9 @@ class ReportResult:
 def draw_figures(run: PipelineRun, rows: list[Row]) -> dict[str, Any]:
     """Every report figure (``None`` where the run has nothing to draw), redrawn from the metrics."""
     ev = run.stages["evaluate"]
-    bins = {m: ev.tables[f"{m}_calibration_reliability"] for m in ("teacher", "student")
-            if f"{m}_calibration_reliability" in ev.tables}
-    figures = {
-        "headline": plots.headline_figure(rows),
-        "reliability": plots.reliability_figure(bins),
-        "robustness": plots.robustness_figure(ev.metrics),
-        "subgroup": plots.subgroup_figure(ev.metrics),
-        "shape_bias": plots.shape_bias_figure(ev.metrics),
-    }
+    figures = {"headline": plots.headline_figure(rows)}
+    for drawn in plots.evaluator_figures(ev.metrics, ev.tables).values():
+        figures.update(drawn)  # each evaluator's declared plots, by plot name
     distill = run.stages.get("distill")
     if distill is not None and "distill_data_efficiency" in distill.tables:
         figures["data_efficiency"] = plots.data_efficiency_figure(distill.tables["distill_data_efficiency"])

@@ -1,10 +1,15 @@
 """Teacher against student, metric by metric, from the evaluate stage's ``<model>/<evaluator>/<metric>`` keys.
 
-Each metric has a direction (``higher`` or ``lower`` is better, or ``None`` for counts and
-descriptive numbers), so every row says which model wins and by how much:
+What each metric means comes from the evaluator that yields it: its declared
+:class:`~vitdistill.evaluate.base.Metric` gives the label, the direction (``higher`` or ``lower`` is
+better, or ``None`` for counts and descriptive numbers), whether it is a headline and its format, so
+every row says which model wins and by how much:
 
-    rows = compare(evaluate_metrics)            # one Row per evaluator metric both models have
+    rows = compare(evaluate_metrics)            # one Row per evaluator metric either model has
     [r for r in rows if r.headline]             # the dozen numbers a reader looks at first
+
+A key that no registered evaluator declares (a run logged by an older version) is still a row,
+labelled by its key, with no direction.
 """
 
 from __future__ import annotations
@@ -14,32 +19,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-MODELS = ("teacher", "student")
-TIE = 1e-9
+from vitdistill.evaluate.base import MODELS, Metric, describe_metric
 
-# (pattern on "<evaluator>/<metric>", label, better, headline). First match wins.
-CATALOGUE: tuple[tuple[str, str, str | None, bool], ...] = (
-    (r"calibration/accuracy", "clean top-1 accuracy", "higher", True),
-    (r"calibration/ece", "expected calibration error (15 bins)", "lower", True),
-    (r"calibration/mce", "maximum calibration error", "lower", False),
-    (r"calibration/nll", "negative log-likelihood", "lower", True),
-    (r"robustness/clean_accuracy", "clean accuracy", "higher", False),
-    (r"robustness/mean_corruption_accuracy", "mean accuracy under corruptions", "higher", True),
-    (r"robustness/mean_relative_drop", "mean relative accuracy drop", "lower", True),
-    (r"robustness/relative_drop/(occlusion|patch_shuffle)", r"relative drop: \1", "lower", True),
-    (r"robustness/relative_drop/(.+)", r"relative drop: \1", "lower", False),
-    (r"robustness/mean_accuracy/(.+)", r"accuracy: \1 (mean over severities)", "higher", False),
-    (r"robustness/accuracy/(.+)/(\d+)", r"accuracy: \1, severity \2", "higher", False),
-    (r"subgroup/worst_group_accuracy", "worst-group accuracy", "higher", True),
-    (r"subgroup/accuracy_gap", "largest subgroup accuracy gap", "lower", True),
-    (r"subgroup/accuracy/(.+)", r"accuracy of group \1", "higher", False),
-    (r"shape_bias/shape_bias", "shape bias (humans about 0.96)", "higher", True),
-    (r"shape_bias/shape_match", "cue-conflict decisions matching the shape", "higher", False),
-    (r"shape_bias/texture_match", "cue-conflict decisions matching the texture", None, False),
-    (r"shape_bias/(n_used|n_conflict)", r"cue-conflict images (\1)", None, False),
-)
-# Human shape bias on cue-conflict images (Geirhos et al. 2019, model-vs-human): about 0.96.
-HUMAN_SHAPE_BIAS = 0.96
+TIE = 1e-9
+UNKNOWN_RANK = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -51,6 +34,9 @@ class Row:
     student: float
     better: str | None  # "higher" | "lower" | None
     headline: bool
+    description: str = ""
+    fmt: str | None = None  # a format spec, None: the report's default
+    detail: bool = False  # folded away under its evaluator's main table
 
     @property
     def delta(self) -> float:
@@ -73,18 +59,16 @@ class Row:
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
 
 
-def _entry(key: str) -> tuple[int, str, str | None, bool]:
-    """``(catalogue rank, label, better, headline)``; unknown keys rank last, labelled by the key."""
-    for rank, (pattern, label, better, headline) in enumerate(CATALOGUE):
-        m = re.fullmatch(pattern, key)
-        if m:
-            return rank, m.expand(label), better, headline
-    return len(CATALOGUE), key, None, False
+def _entry(key: str) -> tuple[int, Metric | None]:
+    """``(rank among its evaluator's declared metrics, spec)``; undeclared keys rank last, with no spec."""
+    found = describe_metric(key)
+    return found if found else (UNKNOWN_RANK, None)
 
 
 def describe(key: str) -> tuple[str, str | None, bool]:
     """``(label, better, headline)`` of an ``<evaluator>/<metric>`` key; unknown keys: the key, None, False."""
-    return _entry(key)[1:]
+    spec = _entry(key)[1]
+    return (spec.label_for(key.split("/", 1)[1]), spec.better, spec.headline) if spec else (key, None, False)
 
 
 def split_key(metric: str) -> tuple[str, str] | None:
@@ -104,11 +88,16 @@ def compare(metrics: dict[str, float]) -> list[Row]:
     ranked = []
     nan = float("nan")
     for key in set(by_model["teacher"]) | set(by_model["student"]):
-        rank, label, better, headline = _entry(key)
-        evaluator = key.split("/", 1)[0]
+        rank, spec = _entry(key)
+        evaluator, metric = key.split("/", 1)
         order = (evaluator, rank, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)])
-        ranked.append((order, Row(key, evaluator, label, by_model["teacher"].get(key, nan),
-                                  by_model["student"].get(key, nan), better, headline)))
+        values = (by_model["teacher"].get(key, nan), by_model["student"].get(key, nan))
+        if spec is None:
+            row = Row(key, evaluator, key, *values, None, False)
+        else:
+            row = Row(key, evaluator, spec.label_for(metric), *values, spec.better, spec.headline, spec.description,
+                      spec.fmt, spec.detail)
+        ranked.append((order, row))
     return [row for _, row in sorted(ranked, key=lambda pair: pair[0])]
 
 

@@ -1,34 +1,43 @@
 """The report's figures, redrawn from MLflow metrics so teacher and student share every axis.
 
 Built on :class:`matplotlib.figure.Figure` with an Agg canvas, never pyplot (thread-safe, no
-display). Each function returns None when the run has nothing to draw for it.
+display). Each function returns None when the run has nothing to draw for it. The headline, the
+stages' curves and data efficiency are drawn here; each evaluator's own figures come from its
+declared :class:`~vitdistill.evaluate.base.Plot` (:func:`evaluator_figures`).
 """
 
 from __future__ import annotations
 
-import re
+from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vitdistill.report.compare import HUMAN_SHAPE_BIAS, MODELS, Row
-
-COLOURS = {"teacher": "tab:blue", "student": "tab:orange"}
-
-
-def _figure(w: float, h: float) -> Figure:
-    fig = Figure(figsize=(w, h))
-    FigureCanvasAgg(fig)
-    return fig
+from vitdistill.evaluate.base import EVALUATORS, MODELS, evaluator_class
+from vitdistill.evaluate.plotting import COLOURS, grid, new_figure
+from vitdistill.report.compare import Row, split_key
 
 
-def _grid(n: int, cols: int, w: float, h: float) -> tuple[Figure, list]:
-    """A figure of ``n`` small panels, ``cols`` per row, each ``w`` x ``h`` inches."""
-    cols = min(cols, n)
-    rows_n = -(-n // cols)
-    fig = _figure(w * cols, h * rows_n)
-    return fig, [fig.add_subplot(rows_n, cols, i + 1) for i in range(n)]
+def evaluator_figures(metrics: dict[str, float], tables: dict[str, Any]) -> dict[str, dict[str, Figure | None]]:
+    """``{evaluator: {plot name: Figure or None}}`` for every registered evaluator in ``metrics`` (the evaluate
+    stage's ``<model>/<evaluator>/<metric>``), each drawn from its models' metrics and tables
+    (``<model>_<evaluator>_<table>``)."""
+    by_evaluator: dict[str, dict[str, dict[str, float]]] = {}  # evaluator -> model -> metric -> value
+    for key, value in metrics.items():
+        parts = split_key(key)
+        if parts:
+            evaluator, metric = parts[1].split("/", 1)
+            by_evaluator.setdefault(evaluator, {m: {} for m in MODELS})[parts[0]][metric] = value
+    out = {}
+    for evaluator, by_model in sorted(by_evaluator.items()):
+        if evaluator not in EVALUATORS:
+            continue  # logged by an evaluator this version does not have: its rows only
+        cls = evaluator_class(evaluator)
+        used = {m: v for m, v in by_model.items() if v}
+        own = {m: {k.removeprefix(f"{m}_{evaluator}_"): rows for k, rows in tables.items()
+                   if k.startswith(f"{m}_{evaluator}_")} for m in used}
+        out[evaluator] = {plot.name: plot.draw(used, own) for plot in cls.plots}
+    return out
 
 
 def _models(rows: list[Row]) -> list[str]:
@@ -42,7 +51,7 @@ def headline_figure(rows: list[Row]) -> Figure | None:
     if not panels:
         return None
     models = _models(rows)
-    fig = _figure(11, 0.45 * max(len(rs) for _, rs in panels) + 1.6)
+    fig = new_figure(11, 0.45 * max(len(rs) for _, rs in panels) + 1.6)
     for i, (direction, rs) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         y = np.arange(len(rs))
@@ -63,107 +72,12 @@ def headline_figure(rows: list[Row]) -> Figure | None:
     return fig
 
 
-def robustness_figure(metrics: dict[str, float]) -> Figure | None:
-    """Accuracy against corruption severity (0 = clean), one panel per corruption."""
-    curves: dict[str, dict[str, dict[int, float]]] = {}  # corruption -> model -> severity -> accuracy
-    for key, v in metrics.items():
-        m = re.fullmatch(r"(teacher|student)/robustness/accuracy/(.+)/(\d+)", key)
-        if m:
-            curves.setdefault(m[2], {}).setdefault(m[1], {})[int(m[3])] = v
-    if not curves:
-        return None
-    names = sorted(curves)
-    fig, axes = _grid(len(names), 3, 3.6, 2.8)
-    for i, (name, ax) in enumerate(zip(names, axes)):
-        for model, by_sev in curves[name].items():
-            clean = metrics.get(f"{model}/robustness/clean_accuracy")
-            sev = sorted(by_sev)
-            xs, ys = ([0] if clean is not None else []) + sev, ([clean] if clean is not None else []) + [by_sev[s] for s in sev]
-            ax.plot(xs, ys, "o-", color=COLOURS[model], label=model, markersize=3)
-        ax.set(title=name, xlabel="severity", ylabel="accuracy", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def reliability_figure(bins: dict[str, list[dict]]) -> Figure | None:
-    """Both models' reliability curves (accuracy against confidence per bin) on one diagonal."""
-    if not bins:
-        return None
-    fig = _figure(4.8, 4.6)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-    for model, rows in bins.items():
-        used = [r for r in rows if r.get("count") and r.get("accuracy") is not None]
-        conf = [r["confidence"] for r in used]
-        acc = [r["accuracy"] for r in used]
-        size = [12 + 60 * r["count"] / max(x["count"] for x in used) for r in used]
-        ax.plot(conf, acc, "-", color=COLOURS.get(model, "grey"), alpha=0.7)
-        ax.scatter(conf, acc, s=size, color=COLOURS.get(model, "grey"), label=model, zorder=3)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="confidence (bin mean)", ylabel="accuracy",
-           title="reliability (marker size: images in bin)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def subgroup_figure(metrics: dict[str, float]) -> Figure | None:
-    """Accuracy per subgroup, teacher and student side by side, worst group of each marked."""
-    groups: dict[str, dict[str, float]] = {}
-    for key, v in metrics.items():
-        m = re.fullmatch(r"(teacher|student)/subgroup/accuracy/(.+)", key)
-        if m:
-            groups.setdefault(m[1], {})[m[2]] = v
-    if not groups:
-        return None
-    names = sorted({g for by in groups.values() for g in by}, key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else g))
-    x = np.arange(len(names))
-    w = 0.8 / len(groups)
-    fig = _figure(max(5.0, 0.5 * len(names) + 2), 3.4)
-    ax = fig.add_subplot(1, 1, 1)
-    for j, model in enumerate(m for m in MODELS if m in groups):
-        vals = [groups[model].get(g, np.nan) for g in names]
-        gap = metrics.get(f"{model}/subgroup/accuracy_gap", np.nan)
-        ax.bar(x + (j - (len(groups) - 1) / 2) * w, vals, width=w, color=COLOURS[model],
-               label=f"{model} (gap {gap:.2f})")
-        ax.axhline(np.nanmin(vals), color=COLOURS[model], linestyle=":", linewidth=1)
-    ax.set_xticks(x, names)
-    ax.set(xlabel="group", ylabel="accuracy", ylim=(0, 1.05), title="accuracy per subgroup (dotted: worst group)")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def shape_bias_figure(metrics: dict[str, float]) -> Figure | None:
-    """Shape bias of each model against the human level, with the shape/texture decision split."""
-    models = [m for m in MODELS if f"{m}/shape_bias/shape_bias" in metrics]
-    if not models:
-        return None
-    fig = _figure(6.5, 2.8)
-    ax = fig.add_subplot(1, 2, 1)
-    ax.bar(models, [metrics[f"{m}/shape_bias/shape_bias"] for m in models], color=[COLOURS[m] for m in models])
-    ax.axhline(HUMAN_SHAPE_BIAS, color="black", linestyle="--", linewidth=1, label=f"humans ~{HUMAN_SHAPE_BIAS}")
-    ax.set(ylim=(0, 1), ylabel="shape / (shape + texture)", title="shape bias")
-    ax.legend(fontsize=8)
-    ax = fig.add_subplot(1, 2, 2)
-    shape = [metrics.get(f"{m}/shape_bias/shape_match", np.nan) for m in models]
-    texture = [metrics.get(f"{m}/shape_bias/texture_match", np.nan) for m in models]
-    ax.bar(models, shape, color="tab:green", label="shape")
-    ax.bar(models, texture, bottom=shape, color="tab:brown", label="texture")
-    ax.set(ylim=(0, 1), ylabel="fraction of cue-conflict images", title="decisions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def curves_figure(stage: str, curves: dict[str, list[tuple[int, float]]]) -> Figure | None:
     """A stage's per-epoch curves (losses, accuracies, temperature...), one small panel each."""
     if not curves:
         return None
     names = sorted(curves)
-    fig, axes = _grid(len(names), 4, 3.2, 2.3)
+    fig, axes = grid(len(names), 4, 3.2, 2.3)
     for name, ax in zip(names, axes):
         steps, values = zip(*curves[name])
         ax.plot(steps, values, "o-", markersize=2, color="tab:purple")
@@ -180,7 +94,7 @@ def data_efficiency_figure(rows: list[dict]) -> Figure | None:
     rows = [r for r in rows if r.get("labels_only_top1") is not None and r.get("distilled_top1") is not None]
     if not rows:
         return None
-    fig = _figure(5.0, 3.2)
+    fig = new_figure(5.0, 3.2)
     ax = fig.add_subplot()
     x = [100 * r["label_fraction"] for r in rows]
     ax.plot(x, [r["distilled_top1"] for r in rows], "o-", color=COLOURS["student"], label="distilled student")
