@@ -34,18 +34,28 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": str(ROOT)}
 
 
-def _running_stages(db: Path) -> set[str]:
-    """Names of the RUNNING MLflow runs, read straight from the sqlite file (read-only: it never
-    creates the tables the command is creating)."""
+def _running_stages(db: Path, before: frozenset[str] = frozenset()) -> set[str]:
+    """Names of the RUNNING MLflow runs (other than the run ids in ``before``), read straight from the
+    sqlite file (read-only: it never creates the tables the command is creating)."""
     import sqlite3
 
     if not db.exists():
         return set()
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return {name for (name,) in con.execute("SELECT name FROM runs WHERE status = 'RUNNING'")}
+            rows = con.execute("SELECT name, run_uuid FROM runs WHERE status = 'RUNNING'").fetchall()
+        return {name for name, run_id in rows if run_id not in before}
     except sqlite3.Error:  # the tables are not there yet
         return set()
+
+
+def _running_ids(db: Path) -> set[str]:
+    import sqlite3
+
+    if not db.exists():
+        return set()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+        return {run_id for (run_id,) in con.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'")}
 
 
 def _uvicorn(proc: psutil.Process) -> list[psutil.Process]:
@@ -58,12 +68,13 @@ def _uvicorn(proc: psutil.Process) -> list[psutil.Process]:
 def _interrupt(work: Path, stage: str, sig: int) -> tuple[subprocess.CompletedProcess, float, list[psutil.Process]]:
     """Start the pipeline in ``work``, send ``sig`` once ``stage``'s MLflow run is RUNNING; (result,
     seconds from the signal to the exit, the Prefect servers the command had started)."""
+    before = frozenset(_running_ids(work / "mlflow.db"))  # a killed command's runs, still RUNNING
     proc = subprocess.Popen(_cmd(work / "never.json"), cwd=work, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     ps = psutil.Process(proc.pid)
     deadline = time.time() + 300
     servers: list[psutil.Process] = []
-    while time.time() < deadline and proc.poll() is None and stage not in _running_stages(work / "mlflow.db"):
+    while time.time() < deadline and proc.poll() is None and stage not in _running_stages(work / "mlflow.db", before):
         servers = servers or _uvicorn(ps)
         time.sleep(0.2)
     assert proc.poll() is None, f"the command ended before {stage} ran: {proc.communicate()[1][-2000:]}"
@@ -78,7 +89,8 @@ def _interrupt(work: Path, stage: str, sig: int) -> tuple[subprocess.CompletedPr
 
 
 def _stage_metrics(result: dict) -> dict[str, dict[str, float]]:
-    timing = ("seconds", "_per_s", "elapsed", "wall")
+    # how long it took and how much was reused differ by nature after an interruption; the results do not
+    timing = ("seconds", "_per_s", "elapsed", "wall", "reused", "extracted", "resumed_from")
     return {s["stage"]: {k: v for k, v in s["metrics"].items() if not any(t in k for t in timing)}
             for s in result["stages"]}
 

@@ -16,6 +16,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -117,24 +118,39 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first} (re-run with --debug for the traceback)"
 
 
+_INTERRUPTED = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    signal.default_int_handler(signum, frame)
+
+
 def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
     if debug:
         return fn()
     try:
         return fn()
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not (isinstance(e, KeyboardInterrupt) or _INTERRUPTED):
+            return _fail(e)
+        # a Ctrl-C reaches the whole process group: the ephemeral Prefect server may stop first, so
+        # what surfaces here can be a connection error rather than the KeyboardInterrupt itself
         err.print("interrupted; what finished is kept (caches, shards, checkpoints): run the same command "
                   "again to resume", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    except (typer.Exit, typer.Abort):
-        raise
-    except BaseException as e:  # every failure becomes one line on stderr
-        from vitdistill.errors import VitdistillError
 
-        from vitdistill.redact import redact_uri
 
-        err.print(f"[bold red]error:[/] {redact_uri(_one_line(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2 if isinstance(e, VitdistillError) else 1) from None
+def _fail(e: BaseException) -> Any:
+    """Every failure becomes one line on stderr (typer's own exits pass through)."""
+    if isinstance(e, (typer.Exit, typer.Abort)):
+        raise e
+    from vitdistill.errors import VitdistillError
+    from vitdistill.redact import redact_uri
+
+    err.print(f"[bold red]error:[/] {redact_uri(_one_line(e))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2 if isinstance(e, VitdistillError) else 1) from None
 
 
 def _load(config: list[Path] | None, sets: list[str] | None):
@@ -198,11 +214,40 @@ def check_prefect_api(required: bool = False) -> str | None:
     return api
 
 
+def _start_ephemeral_api() -> None:
+    """Start Prefect's ephemeral API server now, in a process group of its own.
+
+    Prefect would start it on first use in this command's process group, where a Ctrl-C reaches it
+    too: it would stop before the flows could record their ends, and print its own shutdown
+    traceback. In its own group it outlives the interrupt, this command ends its flows and stops it
+    (Prefect's atexit hook); the watchdog stops it if this command is killed."""
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    popen = subprocess.Popen
+
+    class _OwnGroup(popen):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("process_group", 0)
+            super().__init__(*args, **kwargs)
+
+    subprocess.Popen = _OwnGroup  # only while Prefect spawns its server, on the main thread
+    try:
+        SubprocessASGIServer().start()  # the instance Prefect's clients then find running
+    finally:
+        subprocess.Popen = popen
+
+
 def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool, prefect_level: int = logging.INFO):
     """The config, after the checks that fail in one line before any flow run (Prefect API, MLflow
     server), with Prefect's logs at ``prefect_level`` and cut to one line unless ``debug``."""
     cfg = _load(config, sets)
-    check_prefect_api()
+    if check_prefect_api() is None:
+        _start_ephemeral_api()
     from vitdistill.tracking import get_tracker
 
     tracker = get_tracker(cfg.tracking)  # an unreachable MLflow server fails here
@@ -232,6 +277,10 @@ def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, 
 
     result = _guard(debug, body)
     _summary(result)
+    if _INTERRUPTED:  # a stage stopped by the Ctrl-C reports itself failed
+        err.print("interrupted; what finished is kept (caches, shards, checkpoints): run the same command "
+                  "again to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     failed = [s for s in result["stages"] if s["status"] == "failed"]
     if failed:
         raise typer.Exit(1)
@@ -475,6 +524,7 @@ def list_stages_cmd() -> None:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, _on_sigint)
     app()
 
 
