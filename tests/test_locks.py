@@ -28,7 +28,7 @@ def _race(cache_dir: str, writers: int = 4) -> tuple[list[dict], int]:
 
     def load(i: int) -> dict | None:
         url = plan.record_url(i)
-        return json.loads(fs.get_fs(url)[0].cat_file(fs.get_fs(url)[1])) if fs.exists(url) else None
+        return fs.read_json(url) if fs.exists(url) else None
 
     def build(i: int) -> dict:
         with lock:

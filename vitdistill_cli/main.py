@@ -127,6 +127,13 @@ def _on_sigint(signum: int, frame: Any) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def _exit_interrupted() -> None:
+    """One line, exit code 130 (128 + SIGINT), as shells report a Ctrl-C."""
+    err.print("interrupted; what finished is kept (caches, shards, checkpoints): run the same command "
+              "again to resume", highlight=False, soft_wrap=True)
+    raise typer.Exit(130) from None
+
+
 def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
     if debug:
         return fn()
@@ -137,9 +144,7 @@ def _guard(debug: bool, fn: Callable[[], Any]) -> Any:
             return _fail(e)
         # a Ctrl-C reaches the whole process group: the ephemeral Prefect server may stop first, so
         # what surfaces here can be a connection error rather than the KeyboardInterrupt itself
-        err.print("interrupted; what finished is kept (caches, shards, checkpoints): run the same command "
-                  "again to resume", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        _exit_interrupted()
 
 
 def _fail(e: BaseException) -> Any:
@@ -246,6 +251,9 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
     """The config, after the checks that fail in one line before any flow run (Prefect API, MLflow
     server), with Prefect's logs at ``prefect_level`` and cut to one line unless ``debug``."""
     cfg = _load(config, sets)
+    from vitdistill_cli import watchdog
+
+    watchdog.start()  # first: a kill -9 of this command then still stops the ephemeral Prefect server below
     if check_prefect_api() is None:
         _start_ephemeral_api()
     from vitdistill.tracking import get_tracker
@@ -255,9 +263,6 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
     if stale:
         err.print(f"marked {len(stale)} MLflow run(s) KILLED that an earlier, killed command left RUNNING",
                   highlight=False)
-    from vitdistill_cli import watchdog
-
-    watchdog.start()  # a kill -9 of this command then still stops the ephemeral Prefect server it starts
     importlib.import_module("flows.pipeline")  # sets up Prefect's logging, whose handlers are then quietened
 
     if not debug:
@@ -278,9 +283,7 @@ def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, 
     result = _guard(debug, body)
     _summary(result)
     if _INTERRUPTED:  # a stage stopped by the Ctrl-C reports itself failed
-        err.print("interrupted; what finished is kept (caches, shards, checkpoints): run the same command "
-                  "again to resume", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        _exit_interrupted()
     failed = [s for s in result["stages"] if s["status"] == "failed"]
     if failed:
         raise typer.Exit(1)
