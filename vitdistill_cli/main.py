@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -219,43 +220,89 @@ def check_prefect_api(required: bool = False) -> str | None:
     return api
 
 
-def _start_ephemeral_api() -> None:
-    """Start Prefect's ephemeral API server now, in a process group of its own.
+class _EphemeralAPI:
+    """Prefect's ephemeral API server, started in a thread while this command does its other start-up
+    work (MLflow, importing torch and the flows), in a process group of its own.
 
     Prefect would start it on first use in this command's process group, where a Ctrl-C reaches it
     too: it would stop before the flows could record their ends, and print its own shutdown
     traceback. In its own group it outlives the interrupt, this command ends its flows and stops it
-    (Prefect's atexit hook); the watchdog stops it if this command is killed."""
-    import subprocess
+    (Prefect's atexit hook); the watchdog stops it if this command is killed. The server's start-up
+    (a uvicorn process importing Prefect's server and migrating its database, about 4 s) then runs
+    on one core while the other imports torch: the two no longer add up."""
 
-    from prefect.server.api.server import SubprocessASGIServer
+    def __init__(self) -> None:
+        import threading
+
+        self._error: BaseException | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._start, name="prefect-ephemeral-api", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        import subprocess
+        import threading
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            starter = threading.get_ident()
+            popen = subprocess.Popen
+
+            class _OwnGroup(popen):  # type: ignore[misc, valid-type]
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    if threading.get_ident() == starter:  # only the server's process, not the main thread's
+                        kwargs.setdefault("process_group", 0)
+                    super().__init__(*args, **kwargs)
+
+            subprocess.Popen = _OwnGroup
+            try:
+                SubprocessASGIServer().start()  # the instance Prefect's clients then find running
+            finally:
+                subprocess.Popen = popen
+        except BaseException as e:  # re-raised on the main thread by wait()
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _start_ephemeral_api() -> _EphemeralAPI | None:
+    """Start the ephemeral API in the background when no ``PREFECT_API_URL`` server is used."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    if not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        return
-    popen = subprocess.Popen
+    if check_prefect_api() is not None or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    return _EphemeralAPI()
 
-    class _OwnGroup(popen):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("process_group", 0)
-            super().__init__(*args, **kwargs)
 
-    subprocess.Popen = _OwnGroup  # only while Prefect spawns its server, on the main thread
-    try:
-        SubprocessASGIServer().start()  # the instance Prefect's clients then find running
-    finally:
-        subprocess.Popen = popen
+# where a command's start-up time goes (seconds), written as JSON to $VITDISTILL_TIMINGS when set;
+# benchmarks/bench_cli.py reads it
+TIMINGS: dict[str, float] = {}
+
+
+def _write_timings() -> None:
+    path = os.environ.get("VITDISTILL_TIMINGS")
+    if path:
+        Path(path).write_text(json.dumps(TIMINGS, indent=2) + "\n")
 
 
 def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool, prefect_level: int = logging.INFO):
     """The config, after the checks that fail in one line before any flow run (Prefect API, MLflow
     server), with Prefect's logs at ``prefect_level`` and cut to one line unless ``debug``."""
+    t0 = time.perf_counter()
     cfg = _load(config, sets)
     from vitdistill_cli import watchdog
 
     watchdog.start()  # first: a kill -9 of this command then still stops the ephemeral Prefect server below
-    if check_prefect_api() is None:
-        _start_ephemeral_api()
+    t1 = time.perf_counter()
+    api = _start_ephemeral_api()
+    t2 = time.perf_counter()
     from vitdistill.tracking import get_tracker
 
     tracker = get_tracker(cfg.tracking)  # an unreachable MLflow server fails here
@@ -263,8 +310,16 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
     if stale:
         err.print(f"marked {len(stale)} MLflow run(s) KILLED that an earlier, killed command left RUNNING",
                   highlight=False)
+    t3 = time.perf_counter()
     importlib.import_module("flows.pipeline")  # sets up Prefect's logging, whose handlers are then quietened
-
+    importlib.import_module("vitdistill.models.teachers")  # torch and timm, while the API starts
+    t4 = time.perf_counter()
+    if api is not None:
+        api.wait()
+    t5 = time.perf_counter()
+    TIMINGS.update({"config_and_watchdog": t1 - t0, "prefect_api_check": t2 - t1, "mlflow": t3 - t2,
+                    "imports_flows_torch_timm": t4 - t3, "ephemeral_api_start": api.seconds if api else 0.0,
+                    "ephemeral_api_wait": t5 - t4})
     if not debug:
         logging.getLogger("prefect").setLevel(prefect_level)
         _quiet_prefect_tracebacks()
@@ -276,7 +331,10 @@ def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, 
         cfg = _before_flows(config, sets, debug)
         from flows.pipeline import FLOWS
 
+        t0 = time.perf_counter()
         result = FLOWS[target](cfg)
+        TIMINGS["flow"] = time.perf_counter() - t0
+        _write_timings()
         _write_json(json_path, result)
         return result
 
