@@ -81,3 +81,20 @@ def test_tracking_uri_resolution(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert VitdistillConfig().tracking.resolved_uri() == "http://127.0.0.1:5000"
     assert load_config(None, ["tracking.uri=sqlite:///x.db"]).tracking.resolved_uri() == "sqlite:///x.db"
+
+
+def test_teacher_name_may_list_several_teachers():
+    cfg = load_config(None, ["teacher.name=[effnet_lite0_imagenet, effnet_lite1_imagenet]"])
+    assert cfg.teacher.names == ["effnet_lite0_imagenet", "effnet_lite1_imagenet"]
+    one = cfg.for_teacher("effnet_lite1_imagenet")
+    assert one.teacher.name == "effnet_lite1_imagenet" and cfg.teacher.name == cfg.teacher.names  # a copy
+    assert load_config(None, ["teacher.name=[effnet_lite0_imagenet]"]).teacher.name == "effnet_lite0_imagenet"
+    for bad, says in (("[a, a]", "distinct"), ("[]", "non-empty"), ("''", "empty")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, [f"teacher.name={bad}"])
+    with pytest.raises(ConfigError, match="teacher.checkpoint.*one teacher"):
+        load_config(None, ["teacher.name=[a, b]", "teacher.checkpoint=/w.safetensors"])
+    from vitdistill.models.teachers import create_teacher
+
+    with pytest.raises(ConfigError, match="lists 2 teachers"):
+        create_teacher(cfg.teacher)

@@ -288,3 +288,45 @@ def test_the_page_escapes_markup_from_run_names_class_names_and_config():
     assert f"<title>vitdistill report: run {escaped}</title>" in page
     assert f"accuracy of group {escaped}</td>" in page and f"root: {escaped}" in page
     assert page.count(escaped) >= 7  # title, h1, experiment, flow, teacher, group row, figure path x2, config
+
+
+def test_a_run_with_several_teachers_gets_a_section_comparing_them(evaluated):
+    """`teacher.name: [a, b]`: each teacher's stage runs are tagged with it; the report shows the teacher-vs-
+    student sections for the first that evaluated and one row per teacher, with the figure."""
+    tracker, tmp, ev = evaluated["tracker"], evaluated["tmp"], evaluated["metrics"]
+    parent = tracker.start_run("vitdistill-pipeline", tags={"vitdistill.stage": "vitdistill-pipeline"})
+    tracker.log_params(parent, {"teacher.name": "['small_t', 'big_t']", "student.name": "vit22b_tiny"})
+    numbers = {"small_t": dict(params=5e6, gflops=0.4, probe=0.71, zs=0.55, student=0.62, ips=300.0),
+               "big_t": dict(params=60e6, gflops=4.1, probe=0.88, zs=0.74, student=0.69, ips=80.0)}
+    for teacher, n in numbers.items():
+        logged = {"extract": {"images_per_s": n["ips"], "samples": 240.0},
+                  "probe": {"linear_top1": n["probe"], "best_layer": -2.0, "best_layer_linear_top1": n["probe"] + 0.01},
+                  "lit": {"zeroshot_top1": n["zs"]},
+                  "distill": {"student_top1": n["student"], "teacher_params": n["params"],
+                              "teacher_gflops": n["gflops"], "agreement": 0.8},
+                  "evaluate": ev}
+        for stage, metrics in logged.items():
+            child = tracker.start_run(stage, parent_run_id=parent,
+                                      tags={"vitdistill.stage": stage, "vitdistill.teacher": teacher})
+            tracker.log_metrics(child, metrics)
+            tracker.end_run(child, "FAILED" if (teacher, stage) == ("small_t", "evaluate") else "FINISHED")
+    tracker.end_run(parent)
+
+    run = gather_run(tracker, parent)
+    assert list(run.teachers) == ["small_t", "big_t"] and run.teacher == "big_t"  # small_t's evaluate failed
+    assert run.stages["probe"].metrics["linear_top1"] == 0.88
+    result = build_report(tracker, parent, str(tmp / "reports"))
+    rows = {r["teacher"]: r for r in result.teachers}
+    assert rows["small_t"]["probe linear top-1"] == 0.71 and rows["big_t"]["student top-1"] == 0.69
+    assert rows["big_t"]["GFLOPs / image"] == 4.1 and rows["small_t"]["LiT zero-shot top-1"] == 0.55
+    assert rows["small_t"]["status"] == "evaluate not finished" and rows["big_t"]["status"] == "ok"
+    page = open(result.html_path, encoding="utf-8").read()
+    assert "<h2>Teachers compared</h2>" in page and '<img alt="teachers compared"' in page
+    section = page.split("<h2>Teachers compared</h2>", 1)[1].split("<h2>", 1)[0]
+    table = section.split("<table>", 1)[1]
+    assert table.index(">small_t<") < table.index(">big_t<") and "0.88" in table and "0.62" in table
+    assert "report/teachers.png" in {a.path for a in tracker.client.list_artifacts(parent, "report")}
+    assert "| small_t |" in result.markdown and "sections above are big_t" in result.markdown
+    # a one-teacher run has no such section
+    one = build_report(tracker, evaluated["parent"], str(tmp / "reports"))
+    assert one.teachers == [] and "Teachers compared" not in open(one.html_path, encoding="utf-8").read()

@@ -90,10 +90,11 @@ class DataConfig(Section):
 
 
 class TeacherConfig(Section):
-    name: str = Field(
+    name: str | list[str] = Field(
         "effnet_lite0_imagenet",
         description="teacher registry entry, any timm model name, or SOURCE:MODEL with SOURCE one of timm, hf-hub, "
-        "hf, open_clip (see `vitdistill list teachers` and the README's Teachers section)",
+        "hf, open_clip (see `vitdistill list teachers` and the README's Teachers section); a list of them runs "
+        "every stage once per teacher (the images are ingested once) and the report compares the teachers",
     )
     pretrained: bool = Field(True, description="load pretrained weights (packaged or from the hub)")
     checkpoint: str | None = Field(
@@ -113,6 +114,30 @@ class TeacherConfig(Section):
         None, ge=0, description="extraction: DataLoader processes decoding into pinned memory (default: 0 on CPU, "
         "where decoding between forward passes on all cores measured fastest; up to 8 on GPU)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v or any(not isinstance(n, str) or not n.strip() for n in v) or len(set(v)) != len(v):
+                raise ValueError(f"teacher.name={v}: expected a teacher name, or a non-empty list of distinct names")
+            return v[0] if len(v) == 1 else v
+        if not v.strip():
+            raise ValueError("teacher.name is empty: expected a teacher name (see `vitdistill list teachers`)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_checkpoint_one_teacher(self) -> "TeacherConfig":
+        if isinstance(self.name, list) and self.checkpoint:
+            raise ValueError(f"teacher.checkpoint={self.checkpoint!r} names the weights of one teacher, but teacher.name "
+                             f"lists {len(self.name)}; give one teacher, or put the checkpoint in that teacher's "
+                             "own registry entry")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        """The teachers of this run, in order: one, or each of ``teacher.name``'s list."""
+        return list(self.name) if isinstance(self.name, list) else [self.name]
 
     @field_validator("layers")
     @classmethod
@@ -382,6 +407,14 @@ class VitdistillConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    def for_teacher(self, name: str) -> "VitdistillConfig":
+        """This config with one of ``teacher.name``'s teachers: what each stage of a several-teacher run gets."""
+        if name not in self.teacher.names:
+            raise ConfigError(f"teacher {name!r} is not one of teacher.name {self.teacher.names}")
+        cfg = self.model_copy(deep=True)
+        cfg.teacher.name = name
+        return cfg
 
 
 # --------------------------------------------------------------------------- loading

@@ -219,6 +219,9 @@ def list_teacher_sources(pattern: str = "*") -> list[str]:
 
 
 def create_teacher(cfg: TeacherConfig) -> Teacher:
+    if isinstance(cfg.name, list):
+        raise ConfigError(f"teacher.name lists {len(cfg.name)} teachers {cfg.name}; a stage builds one teacher: "
+                          "the pipeline runs each (VitdistillConfig.for_teacher)")
     return _create_teacher_cached(cfg.model_dump_json())
 
 

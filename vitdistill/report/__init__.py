@@ -22,6 +22,7 @@ from vitdistill.report import plots
 from vitdistill.report.compare import Row, compare, describe, tally
 from vitdistill.report.gather import PipelineRun, StageRun, find_parent_run_id, gather_run
 from vitdistill.report.render import headline_text, render_html, render_markdown, verdict
+from vitdistill.report.teachers import teacher_rows, teachers_figure
 from vitdistill.tracking import Tracker, figure_png
 
 ARTIFACT_DIR = "report"
@@ -39,6 +40,7 @@ class ReportResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     wins: dict[str, int] = field(default_factory=dict)
     run_url: str | None = None
+    teachers: list[dict[str, Any]] = field(default_factory=list)  # several teachers: one row each
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "markdown"}
@@ -55,6 +57,8 @@ def draw_figures(run: PipelineRun, rows: list[Row]) -> dict[str, Any]:
         figures["data_efficiency"] = plots.data_efficiency_figure(distill.tables["distill_data_efficiency"])
     for name, stage in run.stages.items():
         figures[f"curves/{name}"] = plots.curves_figure(name, stage.curves)
+    if run.teachers:
+        figures["teachers"] = teachers_figure(teacher_rows(run))
     return figures
 
 
@@ -74,6 +78,9 @@ def build_report(tracker: Tracker, run_id: str | None = None, out_dir: str = "re
         where["MLflow UI"] = run.run_url
     summary = {"run_id": run.run_id, "run_name": run.name, "verdict": verdict(rows), "wins": tally(rows),
                "rows": [r.to_dict() for r in rows]}
+    if run.teachers:
+        summary["teacher"] = run.teacher  # whose stages the teacher-vs-student sections show
+        summary["teachers"] = teacher_rows(run)
     fs.write_bytes_atomic(html_path, page.encode("utf-8"))
     fs.write_json_atomic(fs.join(out_dir, run.run_id, "report.json"), summary)
     tracker.log_text(run.run_id, page, f"{ARTIFACT_DIR}/report.html")
@@ -82,7 +89,8 @@ def build_report(tracker: Tracker, run_id: str | None = None, out_dir: str = "re
         tracker.log_bytes(run.run_id, png, f"{ARTIFACT_DIR}/{name.replace('/', '_')}.png")
     tracker.set_tags(run.run_id, {"vitdistill.report": artifact_uri})
     return ReportResult(run.run_id, run.name, html_path, artifact_uri, headline_text(rows), summary["verdict"],
-                        render_markdown(run, rows, where), summary["rows"], summary["wins"], run.run_url)
+                        render_markdown(run, rows, where), summary["rows"], summary["wins"], run.run_url,
+                        summary.get("teachers", []))
 
 
 __all__ = [

@@ -24,6 +24,7 @@ from vitdistill.stages import STAGES
 from vitdistill.tracking import Tracker
 
 STAGE_TAG = "vitdistill.stage"
+TEACHER_TAG = "vitdistill.teacher"  # on each stage run of a run with several teachers (teacher.name a list)
 PARENT_TAG = "mlflow.parentRunId"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 # Stages whose metrics are per-epoch curves worth redrawing.
@@ -65,7 +66,10 @@ class PipelineRun:
     tags: dict[str, str]
     params: dict[str, str]  # the flattened config
     config_yaml: str | None
-    stages: dict[str, StageRun]  # pipeline order
+    stages: dict[str, StageRun]  # pipeline order; with several teachers, those of the first that evaluated
+    # with several teachers: teacher -> its stage runs (metrics and params only; in teacher.name's order)
+    teachers: dict[str, dict[str, StageRun]] = field(default_factory=dict)
+    teacher: str | None = None  # the teacher whose stages are ``stages``
 
     @property
     def seconds(self) -> float | None:
@@ -106,18 +110,27 @@ def gather_run(tracker: Tracker, run_id: str | None = None, figures: bool = True
                           "a report reads a finished run: wait for it, or pass another run id")
     children = client.search_runs([info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{info.run_id}'",
                                   order_by=["attributes.start_time ASC"])
-    by_stage = {c.data.tags.get(STAGE_TAG): c for c in children}  # a stage run twice: the later one
+    groups: dict[str | None, dict[str, Any]] = {}  # teacher (None: a one-teacher run) -> stage -> run
+    for c in children:  # a stage run twice: the later one
+        groups.setdefault(c.data.tags.get(TEACHER_TAG), {})[c.data.tags.get(STAGE_TAG)] = c
+    finished = [t for t, g in groups.items() if "evaluate" in g and g["evaluate"].info.status == "FINISHED"]
+    primary = finished[0] if finished else next(iter(groups), None)
+    by_stage = groups.get(primary, {})
     stages = {}
     for name in STAGES:
         child = by_stage.get(name)
         if child is None:
             continue
-        stage = StageRun(name, child.info.run_id, child.info.status, child.info.start_time, child.info.end_time,
-                         dict(child.data.metrics), redact(dict(child.data.params)))
+        stage = _stage_run(name, child)
         if name in CURVE_STAGES:
             stage.curves = _curves(tracker, stage.run_id, stage.metrics)
         stage.tables, stage.figures = _artifacts(tracker, stage.run_id, figures)
         stages[name] = stage
+    teachers = {}
+    if len([t for t in groups if t is not None]) > 1:
+        for t, group in groups.items():
+            if t is not None:
+                teachers[t] = stages if t == primary else {n: _stage_run(n, group[n]) for n in STAGES if n in group}
     evaluate = stages.get("evaluate")
     if evaluate is None or evaluate.status != "FINISHED":
         what = "has no evaluate stage" if evaluate is None else f"has an evaluate stage that ended {evaluate.status}"
@@ -131,8 +144,13 @@ def gather_run(tracker: Tracker, run_id: str | None = None, figures: bool = True
         experiment_name=experiment.name, tracking_uri=tracker.display_uri, run_url=tracker.run_url(info.run_id),
         start_ms=info.start_time, end_ms=info.end_time, tags=redact(dict(parent.data.tags)),
         params=redact(dict(parent.data.params)), config_yaml=redact_uri(config_yaml) if config_yaml else None,
-        stages=stages,
+        stages=stages, teachers=teachers, teacher=primary,
     )
+
+
+def _stage_run(name: str, child) -> StageRun:
+    return StageRun(name, child.info.run_id, child.info.status, child.info.start_time, child.info.end_time,
+                    dict(child.data.metrics), redact(dict(child.data.params)))
 
 
 def _get_run(tracker: Tracker, run_id: str):

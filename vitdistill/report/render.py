@@ -20,6 +20,8 @@ import jinja2
 from vitdistill.evaluate.base import EVALUATORS, MODELS, describe_metric, evaluator_class
 from vitdistill.report.compare import Row, tally
 from vitdistill.report.gather import PipelineRun
+from vitdistill.report.teachers import COLUMNS as TEACHER_COLUMNS
+from vitdistill.report.teachers import teacher_rows
 
 # The numbers that summarise each stage in the overview table, when the stage logged them.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -132,6 +134,7 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, bytes]) ->
         figures=figures, logged=logged,
         data_efficiency=distill.tables.get("distill_data_efficiency", []) if distill and figures.get("data_efficiency")
         else [],
+        teachers=teacher_rows(run), teacher_columns=[c for c, _, _ in TEACHER_COLUMNS],
     )
 
 
@@ -143,6 +146,12 @@ def render_markdown(run: PipelineRun, rows: list[Row], where: dict[str, str]) ->
         if r.headline:
             lines.append(f"| {r.label} | {fmt(r.teacher, r.fmt)} | {fmt(r.student, r.fmt)} | {fmt_delta(r)} | "
                          f"{r.winner or '-'} |")
+    teachers = teacher_rows(run)
+    if teachers:
+        cols = [c for c, _, _ in TEACHER_COLUMNS if c not in ("best layer", "best layer top-1")]
+        lines += ["", f"## {len(teachers)} teachers (the sections above are {run.teacher})", "",
+                  "| teacher | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {t['teacher']} | " + " | ".join(fmt(t[c]) for c in cols) + " |" for t in teachers]
     lines += ["", f"MLflow run `{run.run_id}` (experiment {run.experiment_name}, `{run.tracking_uri}`)."]
     lines += [f"- {k}: `{v}`" for k, v in where.items()]
     return "\n".join(lines)
