@@ -211,3 +211,31 @@ def test_lit_curves_reach_a_server_live_with_spread_timestamps(mlflow_server, tm
     step_stamps = [int(m["timestamp"]) for m in steps]
     assert step_stamps == sorted(step_stamps) and step_stamps[-1] > step_stamps[0]
     assert history("step/lr")
+
+
+def test_a_resumed_training_logging_to_the_same_run_logs_each_epoch_and_step_once(tmp_path):
+    from tests.test_distill import MSE, StopAt, ToyBatches
+    from vitdistill.live import live_callbacks
+    from vitdistill.trainer import Trainer, TrainerConfig
+    from vitdistill.tracking import Tracker
+
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", log_every_n_steps=1, system_metrics=False)
+    tracker = Tracker(tracking)
+    run_id = tracker.start_run("train")
+    cfg = TrainerConfig(epochs=3, lr=0.05, checkpoint_every=6, checkpoint_dir=str(tmp_path / "ckpt"))
+
+    def fit(*extra):
+        torch.manual_seed(0)
+        return Trainer(torch.nn.Linear(4, 1), MSE(), ToyBatches(), cfg, [*extra, *live_callbacks(tracking, run_id)]).fit()
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(StopAt(9))  # 4 steps an epoch: checkpoint at step 6 (mid-epoch 1), killed at 9; steps 1-8 were logged
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "step/loss")] == list(range(1, 9))
+    result = fit()
+    assert result.resumed_from == 6
+    steps = tracker.client.get_metric_history(run_id, "step/loss")
+    assert sorted(m.step for m in steps) == list(range(1, 13))  # 7 and 8 were not logged a second time
+    epochs = tracker.client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in epochs) == [0, 1, 2]
+    assert [m.value for m in sorted(epochs, key=lambda m: m.step)] == pytest.approx([h["loss"] for h in result.history])
+    assert not live_callbacks(tracking, None)
