@@ -328,19 +328,19 @@ class EvaluateConfig(Section):
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="corruption severities")
     group_by: str = Field("auto", description="subgroups: class, an attribute (e.g. colour), or auto")
     cue_conflict_images: int = Field(216, ge=36, description="shape-bias cue-conflict images (36 per full cycle)")
-    student: str = Field(
-        "", description="the student to evaluate: an MLflow model URI (models:/vitdistill-student@champion, "
-        "models:/NAME/VERSION, runs:/RUN_ID/student); empty: the one this run distilled"
+    student: str | None = Field(
+        None, description="the student to evaluate: an MLflow model URI (models:/vitdistill-student@champion, "
+        "models:/NAME/VERSION, runs:/RUN_ID/student); none: the one this run distilled"
     )
 
     @field_validator("student")
     @classmethod
-    def _student_uri(cls, v: str) -> str:
-        v = v.strip()
+    def _student_uri(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
         if v and not v.startswith(("models:/", "runs:/")):
             raise ValueError(f"expected an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION or "
-                             f"runs:/RUN_ID/student) or empty, got {v!r}")
-        return v
+                             f"runs:/RUN_ID/student) or none, got {v!r}")
+        return v or None
 
 
 class ReportConfig(Section):

@@ -241,7 +241,7 @@ class Tracker:
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=pyfunc_student.__file__, artifacts=save_student(student, d),
                 signature=signature, input_example=example, registered_model_name=registered_model_name,
-                pip_requirements=_student_requirements())
+                pip_requirements=_requirements("timm", "safetensors"))
         out: dict[str, Any] = {"model_uri": info.model_uri, "registered_model": registered_model_name, "version": None,
                                "champion": None}
         if registered_model_name and info.registered_model_version is not None:
@@ -298,6 +298,7 @@ class Tracker:
     def model_identity(self, model_uri: str) -> tuple[str | None, str | None]:
         """(logged model id, registered version) of a model URI (``models:/NAME@ALIAS`` resolved to the version
         the alias points at now); None where MLflow has none."""
+        import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.models import get_model_info
 
@@ -308,8 +309,6 @@ class Tracker:
             version = str(self.client.get_model_version_by_alias(name, alias).version)
         elif model_uri.startswith("models:/") and body.count("/") == 1:
             version = body.split("/")[1]
-        import mlflow
-
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
         try:
@@ -324,27 +323,19 @@ class Tracker:
 
         self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
-    def log_pytorch_model(self, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
-                          version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Log a torch module as an MLflow model of ``run_id``, optionally registered with ``version_tags``;
-        returns ``{"model_uri", "registered_model", "version"}``.
-
-        Pickle serialisation: these are models we trained, loaded back with ``mlflow.pytorch.load_model``;
-        data read from shards is never unpickled.
-        """
+    def log_pytorch_model(self, run_id: str, model: Any, name: str) -> dict[str, Any]:
+        """Log a torch module (the LiT text side: strings in, so no tensor signature) as an MLflow model of
+        ``run_id``; returns ``{"model_uri"}``. Pickle serialisation (MLflow 3's ``pt2`` traces tensor inputs
+        only): a model we trained, for people to load; no stage loads it back, and the student is logged
+        without pickle (:meth:`log_student`)."""
         import mlflow
         import mlflow.pytorch
 
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                            registered_model_name=registered_model_name)
-        out: dict[str, Any] = {"model_uri": info.model_uri, "registered_model": registered_model_name, "version": None}
-        if registered_model_name and info.registered_model_version is not None:
-            out["version"] = str(info.registered_model_version)
-            for k, v in (version_tags or {}).items():
-                self.client.set_model_version_tag(registered_model_name, out["version"], k, str(v))
-        return out
+                                            pip_requirements=_requirements("transformers", "open_clip_torch"))
+        return {"model_uri": info.model_uri}
 
     def log_history(self, run_id: str, history: list[dict[str, Any]], step_key: str = "epoch") -> None:
         """Per-epoch rows as metric curves (``train_loss`` at step ``epoch``, ...), all stamped now: a
@@ -412,9 +403,10 @@ def cache_lineage(cache_dir: str, context: str, dataset_context: str | None = No
     m = cache.manifest
     ds = m.get("dataset") or {}
     out = []
-    if ds.get("fingerprint"):
+    if ds.get("fingerprint"):  # a wds source has no ingest manifest: its shards are where they were read
+        shard = next((s.get("input") for s in m.get("shards", ()) if s.get("input")), None)
         out.append(Lineage("dataset", str(ds.get("source", "dataset")), ds["fingerprint"],
-                           ds.get("manifest") or cache_dir, dataset_context or context))
+                           ds.get("manifest") or shard or cache_dir, dataset_context or context))
     out.append(Lineage("feature_cache", f"features/{cache_dir.rstrip('/').rsplit('/', 1)[-1]}", cache.content_sha256(),
                        fs.join(cache_dir, "manifest.json"), context,
                        {"samples": m.get("num_samples"), "shards": len(m.get("shards", ()))}))
@@ -428,12 +420,13 @@ def inputs_lineage(inputs: Any, context: str) -> Lineage:
                    {"shards": len(inputs.shards)})
 
 
-def _student_requirements() -> list[str]:
-    """Pinned to what logged the model (no requirement inference, which would load the model once more)."""
+def _requirements(*names: str) -> list[str]:
+    """A logged model's pip requirements, pinned to what logged it (MLflow's inference would load the
+    model once more in a subprocess)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for name in ("mlflow", "torch", "timm", "safetensors", "numpy", "vitdistill"):
+    for name in ("mlflow", "torch", "numpy", "vitdistill", *names):
         try:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
