@@ -239,3 +239,23 @@ def test_a_resumed_training_logging_to_the_same_run_logs_each_epoch_and_step_onc
     assert sorted(m.step for m in epochs) == [0, 1, 2]
     assert [m.value for m in sorted(epochs, key=lambda m: m.step)] == pytest.approx([h["loss"] for h in result.history])
     assert not live_callbacks(tracking, None)
+
+
+@pytest.mark.parametrize("dist_token", [False, True])
+def test_student_saved_as_json_and_safetensors_rebuilds_with_a_probe_head(tmp_path, dist_token):
+    from types import SimpleNamespace
+
+    from vitdistill.distill.students import ProbeHead, create_student, load_student, save_student
+
+    student = create_student(StudentConfig(img_size=16), 3, 8, teacher_classes=5, dist_token=dist_token).eval()
+    if not dist_token:  # distill.head=probe: the task head is a fitted probe
+        g = np.random.default_rng(0)
+        student.head = ProbeHead(SimpleNamespace(normalize=True, mean=g.normal(size=128), scale=g.random(128),
+                                                 weight=g.normal(size=(3, 128)), bias=g.normal(size=3)))
+    paths = save_student(student, str(tmp_path))
+    restored = load_student(paths["architecture"], paths["weights"])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        a, b = student(x), restored(x)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert isinstance(restored.head, ProbeHead) != dist_token
