@@ -46,7 +46,7 @@ def distill(config: VitdistillConfig, run_id: str) -> dict:
         summary = _torchrun(config, run_id)
         metrics, headline, paths = summary["metrics"], summary["headline"], summary["paths"]
     else:
-        report = run_distill(config)
+        report = run_distill(config, run_id=run_id)
         metrics, headline = report.metrics, report.headline
         paths = log_report(get_tracker(config.tracking), run_id, report, config)
     create_table_artifact(table=[{"metric": k, "value": round(v, 4)} for k, v in metrics.items()],

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._common import artifact_key
 from vitdistill.config import VitdistillConfig
-from vitdistill.evaluate.stage import run_evaluate
+from vitdistill.evaluate.stage import log_report, run_evaluate
 from vitdistill.stages import StageResult
 from vitdistill.tracking import get_tracker
 
@@ -17,10 +17,10 @@ from vitdistill.tracking import get_tracker
 def evaluate(config: VitdistillConfig, run_id: str, cache_dir: str, student_uri: str | None) -> dict:
     """Calibration, robustness, subgroup gaps (and shape bias on shapes) for teacher and student."""
     tracker = get_tracker(config.tracking)
-    student = tracker.load_pytorch_model(student_uri) if student_uri else None
+    student_uri = config.evaluate.student or student_uri  # evaluate.student, else the one just distilled
+    student = tracker.load_student(student_uri) if student_uri else None
     report = run_evaluate(config, cache_dir, student)
-    tracker.log_report(run_id, params={"cache_dir": cache_dir, "student_uri": student_uri or "-"},
-                       metrics=report.metrics, figures=report.figures, tables=report.tables)
+    log_report(tracker, run_id, report, cache_dir, student_uri)
     for name, rows in report.tables.items():
         create_table_artifact(table=rows, key=artifact_key("evaluate", name), description=report.headline)
     return StageResult("evaluate", "ok", report.headline, report.metrics, {"cache_dir": cache_dir}, run_id).to_dict()

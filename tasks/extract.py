@@ -11,7 +11,7 @@ from vitdistill.config import VitdistillConfig
 from vitdistill.data.ingest import InputSet, resolve_inputs
 from vitdistill.extract import ExtractionPlan, extract_shard, extraction_report, finalize_cache, plan_extraction
 from vitdistill.stages import StageResult
-from vitdistill.tracking import get_tracker
+from vitdistill.tracking import cache_lineage, get_tracker
 
 _IO = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_io_only)
 
@@ -46,6 +46,7 @@ def report(config: VitdistillConfig, run_id: str, plan: dict, manifest: dict, wa
     tracker.log_params(run_id, params)
     tracker.log_metrics(run_id, metrics)
     tracker.log_dict(run_id, manifest, "manifest.json")
+    tracker.log_input(run_id, *cache_lineage(p.cache_dir, "output", dataset_context="source"))
     create_table_artifact(table=rows, key=artifact_key("extract-shards"),
                           description=f"Feature shards of {p.cache_dir} ({metrics['samples']} samples)")
     headline = f"{metrics['samples']} samples in {metrics['shards']} shards"

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._common import artifact_key
 from vitdistill.config import VitdistillConfig
-from vitdistill.lit.stage import run_lit
+from vitdistill.lit.stage import log_report, run_lit
 from vitdistill.stages import StageResult
 from vitdistill.tracking import get_tracker
 
@@ -16,13 +16,8 @@ from vitdistill.tracking import get_tracker
 @task(name="lit", cache_policy=NO_CACHE)
 def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
     """Text tower + heads trained contrastively against cached image embeddings; zero-shot + retrieval."""
-    report = run_lit(cache_dir, config.lit)
-    tracker = get_tracker(config.tracking)
-    tracker.log_report(run_id, params={"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}},
-                       metrics=report.metrics, history=report.history, figures=report.figures, tables=report.tables,
-                       table_prefix="lit_")
-    model_uri = tracker.log_pytorch_model(run_id, report.model, "text_tower")["model_uri"]
+    report = run_lit(cache_dir, config.lit, run_id=run_id, tracking=config.tracking)
+    paths = log_report(get_tracker(config.tracking), run_id, report, cache_dir)
     create_table_artifact(table=[{"metric": k, "value": round(v, 4)} for k, v in report.metrics.items()],
                           key=artifact_key("lit", "metrics"), description="LiT zero-shot and retrieval")
-    return StageResult("lit", "ok", report.headline, report.metrics,
-                       {"cache_dir": cache_dir, "text_tower": model_uri}, run_id).to_dict()
+    return StageResult("lit", "ok", report.headline, report.metrics, paths, run_id).to_dict()

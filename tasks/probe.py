@@ -13,7 +13,7 @@ from vitdistill.cache.reader import FeatureCache
 from vitdistill.config import ProbeConfig, VitdistillConfig
 from vitdistill.probes.stage import ProbeReport, probe_cache
 from vitdistill.stages import StageResult
-from vitdistill.tracking import get_tracker
+from vitdistill.tracking import cache_lineage, get_tracker
 
 
 @task(name="cache-content", cache_policy=NO_CACHE)
@@ -35,7 +35,8 @@ def log(config: VitdistillConfig, run_id: str, cache_dir: str, report: dict) -> 
     r = ProbeReport(**report)
     tracker = get_tracker(config.tracking)
     tracker.log_report(run_id, params={"cache_dir": cache_dir, **{f"split_{k}": v for k, v in r.split_sizes.items()}},
-                       metrics=r.metrics, figures=r.figures(), tables=r.tables)
+                       metrics=r.metrics, figures=r.figures(), tables=r.tables,
+                       inputs=cache_lineage(cache_dir, "training", dataset_context="source"))
     for name, rows in r.tables.items():
         create_table_artifact(table=rows, key=artifact_key("probe", name), description=f"probe: {name}")
     return StageResult("probe", "ok", r.headline, r.metrics, {"cache_dir": cache_dir}, run_id).to_dict()

@@ -129,6 +129,16 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     epochs = load_config(ROOT / "configs/runlocal.yaml").lit.epochs
     assert sorted(m.step for m in curve) == list(range(epochs))  # the loss curve: one point per epoch, from 0
     assert "lit_loss.png" in {a.path for a in client.list_artifacts(lit.info.run_id)}
+    stamps = [m.timestamp for m in sorted(curve, key=lambda m: m.step)]
+    assert stamps == sorted(stamps) and stamps[-1] > stamps[0]  # logged live, epoch by epoch
+    # lineage: every stage run names the data set and the feature cache by content digest
+    kinds = {n: {next(t.value for t in d.tags if t.key == "vitdistill.kind") for d in c.inputs.dataset_inputs}
+             for n, c in names.items()}
+    assert all(k >= {"dataset", "feature_cache"} for k in kinds.values()), kinds
+    digests = {n: {d.dataset.digest for d in c.inputs.dataset_inputs} for n, c in names.items()}
+    assert digests["extract"] == digests["probe"] == digests["lit"] == digests["evaluate"]
+    student_uri = next(s for s in result["stages"] if s["stage"] == "distill")["paths"]["student"]
+    assert ev.data.params["student_uri"] == student_uri and client.get_run(ev.info.run_id).inputs.model_inputs
     lit_stage = next(s for s in result["stages"] if s["stage"] == "lit")
     assert lit_stage["paths"]["text_tower"].startswith("models:/")
 

@@ -112,3 +112,5 @@ def test_distill_flow_under_torchrun_registers_the_student(prefect_harness, make
     assert float(version.tags["student_top1"]) == pytest.approx(stage["metrics"]["student_top1"], abs=1e-6)
     run = client.get_run(stage["run_id"])
     assert run.data.params["nproc"] == "2" and "student_top1" in run.data.metrics
+    assert len(client.get_metric_history(stage["run_id"], "loss")) == 1  # rank 0 logged the epoch live, once
+    assert {"candidate", "champion"} <= set(version.aliases)  # the first version is champion

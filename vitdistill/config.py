@@ -353,6 +353,19 @@ class EvaluateConfig(Section):
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5], description="corruption severities")
     group_by: str = Field("auto", description="subgroups: class, an attribute (e.g. colour), or auto")
     cue_conflict_images: int = Field(216, ge=36, description="shape-bias cue-conflict images (36 per full cycle)")
+    student: str | None = Field(
+        None, description="the student to evaluate: an MLflow model URI (models:/vitdistill-student@champion, "
+        "models:/NAME/VERSION, runs:/RUN_ID/student); none: the one this run distilled"
+    )
+
+    @field_validator("student")
+    @classmethod
+    def _student_uri(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if v and not v.startswith(("models:/", "runs:/")):
+            raise ValueError(f"expected an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION or "
+                             f"runs:/RUN_ID/student) or none, got {v!r}")
+        return v or None
 
 
 class ReportConfig(Section):
@@ -369,6 +382,17 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("vitdistill", description="MLflow experiment name")
     artifact_location: str | None = Field(None, description="artifact root for a new experiment (e.g. s3://...)")
+    log_every_n_steps: int = Field(
+        10, ge=0, description="training runs log step/loss, step/lr, ... every N optimiser steps, live (0: epochs only)"
+    )
+    system_metrics: bool = Field(True, description="log CPU, memory, disk, network (and GPU) use during training")
+    system_metrics_interval: float = Field(
+        5.0, ge=0.5, description="seconds between system-metric samples (a training shorter than this logs none)"
+    )
+    champion_metric: str = Field(
+        "student_top1", description="distill metric that decides whether a new registered version becomes champion"
+    )
+    champion_mode: Literal["max", "min"] = Field("max", description="max: higher champion_metric is better; min: lower")
 
     server_backend_store_uri: str = Field(
         "sqlite:///mlflow.db", description="`vitdistill up`: the MLflow server's store (sqlite or postgresql://...)"

@@ -16,7 +16,9 @@ import io
 import json
 import os
 import tempfile
-from typing import Any
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from vitdistill.config import TrackingConfig, VitdistillConfig, flatten, to_yaml
 from vitdistill.errors import ConfigError
@@ -70,7 +72,7 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             check_server(self.uri)
         with sqlite_init_lock(self.uri):  # the first client creates the tables: one process at a time
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)  # not a global registry URI
             self.experiment_name = cfg.experiment
             exp = self.client.get_experiment_by_name(cfg.experiment)
         if exp is None:
@@ -129,14 +131,20 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + _MAX_PARAMS_PER_BATCH])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
+        now = int(time.time() * 1000)
+        self.log_points(run_id, [(k, v, now, step or 0) for k, v in metrics.items() if v is not None])
 
+    def log_points(self, run_id: str, points: Sequence[tuple[str, float, int, int]]) -> None:
+        """``(key, value, timestamp ms, step)`` points, each with its own time, in batches of 1000."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), ts, step) for k, v, ts, step in points]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def logged_steps(self, run_id: str, key: str) -> set[int]:
+        """The steps at which ``run_id`` already has ``key`` (a retried or resumed run logs only the others)."""
+        return {m.step for m in self.client.get_metric_history(run_id, key)}
 
     def log_config(self, run_id: str, cfg: VitdistillConfig) -> None:
         """The resolved config: flattened as params and whole as ``config.yaml``, credentials masked."""
@@ -165,61 +173,184 @@ class Tracker:
 
     def log_report(self, run_id: str, *, params: dict[str, Any], metrics: dict[str, float],
                    history: list[dict[str, Any]] = (), figures: dict[str, Any] | None = None,
-                   tables: dict[str, list[dict]] | None = None, table_prefix: str = "") -> None:
-        """What every stage logs: params, per-epoch curves, metrics, figures (PNG) and tables (JSON)."""
+                   tables: dict[str, list[dict]] | None = None, table_prefix: str = "",
+                   curves_logged: bool = False, inputs: Sequence[Lineage] = ()) -> None:
+        """What every stage logs: params, per-epoch curves, metrics, figures (PNG), tables (JSON) and its
+        inputs (lineage). ``curves_logged``: the history went live during training (:mod:`vitdistill.live`)
+        and is not logged again."""
         self.log_params(run_id, params)
-        curves: set[str] = set()
-        if history:
+        curves = {k for row in history for k in row}
+        if history and not curves_logged:
             self.log_history(run_id, list(history))
-            curves = {k for row in history for k in row}
         # a final value that is also a curve is the curve's last point already (not a second point at step 0)
         self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in curves})
         for name, fig in (figures or {}).items():
             self.log_figure(run_id, fig, name)
         for name, rows in (tables or {}).items():
             self.log_dict(run_id, rows, f"{table_prefix}{name}.json")
+        if inputs:
+            self.log_input(run_id, *inputs)
 
-    def log_pytorch_model(self, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
-                          version_tags: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Log a torch module as an MLflow model of ``run_id``, optionally registered with ``version_tags``;
-        returns ``{"model_uri", "registered_model", "version"}``.
+    # ------------------------------------------------------------------ lineage
+    def log_input(self, run_id: str, *inputs: Lineage) -> None:
+        """Data sets and caches a run read or wrote, as MLflow dataset inputs (the run page's lineage):
+        digest = the first 32 hex digits of the content hash (MLflow keeps 36 characters), the full hash
+        in the profile, the role in the ``mlflow.data.context`` tag."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        Pickle serialisation: these are models we trained, loaded back with ``mlflow.pytorch.load_model``;
-        data read from shards is never unpickled.
-        """
+        datasets = []
+        for item in inputs:
+            scheme = item.source.split("://", 1)[0] if "://" in item.source else "local"
+            ds = Dataset(name=item.name, digest=item.digest[:32], source_type=scheme,
+                         source=json.dumps({"uri": redact_uri(item.source)}),
+                         profile=json.dumps({"kind": item.kind, "sha256": item.digest, **item.profile}))
+            datasets.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", item.context),
+                                                   InputTag("vitdistill.kind", item.kind)]))
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
+
+    # ------------------------------------------------------------------ models
+    def log_student(self, run_id: str, student: Any, name: str = "student", registered_model_name: str | None = None,
+                    version_tags: dict[str, Any] | None = None, champion: tuple[str, str] | None = None
+                    ) -> dict[str, Any]:
+        """Log a distilled student as a pyfunc model from code (:mod:`vitdistill.distill.pyfunc_student`):
+        its architecture as JSON, its weights as safetensors, a tensor signature (float32 (-1, 3, S, S)
+        -> logits (-1, C)) and an input example; nothing is pickled. Registered as
+        ``registered_model_name`` with ``version_tags``, the version gets the alias ``candidate`` and,
+        when it beats the current ``champion`` on ``champion = (metric, "max" | "min")``, ``champion``.
+        Returns ``{"model_uri", "registered_model", "version", "champion"}``."""
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from vitdistill.distill import pyfunc_student
+        from vitdistill.distill.students import save_student
+
+        side = int(student.img_size)
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(2, 3, side, side, generator=gen).numpy()  # (2, 3, S, S), normalised inputs
+        with torch.inference_mode():
+            classes = int(student.eval()(torch.from_numpy(example))["logits"].shape[-1])
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, side, side))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=pyfunc_student.__file__, artifacts=save_student(student, d),
+                signature=signature, input_example=example, registered_model_name=registered_model_name,
+                pip_requirements=_requirements("timm", "safetensors"))
+        out: dict[str, Any] = {"model_uri": info.model_uri, "registered_model": registered_model_name, "version": None,
+                               "champion": None}
+        if registered_model_name and info.registered_model_version is not None:
+            version = out["version"] = str(info.registered_model_version)
+            for k, v in (version_tags or {}).items():
+                self.client.set_model_version_tag(registered_model_name, version, k, str(v))
+            if champion:
+                out["champion"] = self.promote(registered_model_name, version, *champion,
+                                               (version_tags or {}).get(champion[0]))
+        return out
+
+    def promote(self, model: str, version: str, metric: str, mode: str, value: float | None) -> str:
+        """Alias ``candidate`` to ``version``; move ``champion`` to it when there is none yet, or when
+        ``value`` of ``metric`` beats the champion's (``mode`` max: higher is better); returns the
+        champion's version after the move."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.set_registered_model_alias(model, "candidate", version)
+        self.client.set_model_version_tag(model, version, "vitdistill.champion_metric", metric)
+        try:
+            current = self.client.get_model_version_by_alias(model, "champion")
+        except MlflowException:
+            current = None
+        best = None
+        if current is not None:
+            best = current.tags.get(metric)
+            if best is None and current.run_id:  # tagged under another champion_metric: read its run
+                best = self.client.get_run(current.run_id).data.metrics.get(metric)
+        better = value is not None and (best is None or (float(value) > float(best) if mode == "max"
+                                                         else float(value) < float(best)))
+        if current is None or better:
+            self.client.set_registered_model_alias(model, "champion", version)
+            return version
+        return str(current.version)
+
+    def load_student(self, model_uri: str) -> Any:
+        """A student :meth:`log_student` logged (``runs:/``, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``
+        of this tracking server), as the torch module, without unpickling anything."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            model = mlflow.pyfunc.load_model(model_uri)
+        except (MlflowException, OSError) as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ConfigError(f"student {model_uri!r}: cannot load it from {self.display_uri} ({reason})") from None
+        wrapped = model.unwrap_python_model()
+        if not hasattr(wrapped, "model"):
+            raise ConfigError(f"student {model_uri!r}: not a student logged by vitdistill (a pyfunc without .model)")
+        return wrapped.model
+
+    def model_identity(self, model_uri: str) -> tuple[str | None, str | None]:
+        """(logged model id, registered version) of a model URI (``models:/NAME@ALIAS`` resolved to the version
+        the alias points at now); None where MLflow has none."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import get_model_info
+
+        version = None
+        body = model_uri.removeprefix("models:/")
+        if model_uri.startswith("models:/") and "@" in body:
+            name, alias = body.split("@", 1)
+            version = str(self.client.get_model_version_by_alias(name, alias).version)
+        elif model_uri.startswith("models:/") and body.count("/") == 1:
+            version = body.split("/")[1]
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            model_id = getattr(get_model_info(model_uri), "model_id", None)
+        except MlflowException:
+            model_id = None
+        return model_id, version
+
+    def log_model_input(self, run_id: str, model_id: str) -> None:
+        """A logged model (MLflow 3 ``LoggedModel``) the run read: the run page links to it."""
+        from mlflow.entities import LoggedModelInput
+
+        self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+
+    def log_pytorch_model(self, run_id: str, model: Any, name: str) -> dict[str, Any]:
+        """Log a torch module (the LiT text side: strings in, so no tensor signature) as an MLflow model of
+        ``run_id``; returns ``{"model_uri"}``. Pickle serialisation (MLflow 3's ``pt2`` traces tensor inputs
+        only): a model we trained, for people to load; no stage loads it back, and the student is logged
+        without pickle (:meth:`log_student`)."""
         import mlflow
         import mlflow.pytorch
 
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                            registered_model_name=registered_model_name)
-        out: dict[str, Any] = {"model_uri": info.model_uri, "registered_model": registered_model_name, "version": None}
-        if registered_model_name and info.registered_model_version is not None:
-            out["version"] = str(info.registered_model_version)
-            for k, v in (version_tags or {}).items():
-                self.client.set_model_version_tag(registered_model_name, out["version"], k, str(v))
-        return out
-
-    def load_pytorch_model(self, model_uri: str) -> Any:
-        """A model this project logged (``log_pytorch_model``), from this tracking server."""
-        import mlflow
-        import mlflow.pytorch
-
-        mlflow.set_tracking_uri(self.uri)
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+                                            pip_requirements=_requirements("transformers", "open_clip_torch"))
+        return {"model_uri": info.model_uri}
 
     def log_history(self, run_id: str, history: list[dict[str, Any]], step_key: str = "epoch") -> None:
-        """Per-epoch rows as metric curves (``train_loss`` at step ``epoch``, ...)."""
-        import time
-
-        from mlflow.entities import Metric
-
+        """Per-epoch rows as metric curves (``train_loss`` at step ``epoch``, ...), all stamped now: a
+        training logs its rows live instead (:mod:`vitdistill.live`)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(row[step_key])) for row in history for k, v in row.items()
-                 if k != step_key and isinstance(v, (int, float)) and v == v]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        self.log_points(run_id, [p for row in history for p in history_points(row, now, step_key)])
+
+    def system_metrics(self, run_id: str, interval: float) -> Any:
+        """MLflow's system-metrics monitor for ``run_id`` (CPU, memory, disk, network, GPU with pynvml),
+        started: a sample every ``interval`` seconds as ``system/*`` metrics until ``.finish()``."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
 
     # ------------------------------------------------------------------ where to look
     @property
@@ -241,6 +372,66 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             return f"open {self.display_uri}"
         return f"mlflow ui --backend-store-uri {self.display_uri} --port 5000"
+
+
+def history_points(row: dict[str, Any], timestamp: int, step_key: str = "epoch") -> list[tuple[str, float, int, int]]:
+    """One epoch row -> ``(key, value, timestamp, step)`` points at step ``row[step_key]`` (NaNs dropped)."""
+    step = int(row[step_key])
+    return [(k, float(v), timestamp, step) for k, v in row.items()
+            if k != step_key and isinstance(v, (int, float)) and v == v]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A data set or cache a stage read or wrote, as :meth:`Tracker.log_input` records it."""
+
+    kind: str  # "dataset" | "feature_cache" | "view_cache"
+    name: str
+    digest: str  # content hash (sha256 hex)
+    source: str  # where it lives: a manifest or directory URI
+    context: str  # its role for the run: "source", "output", "training", "evaluation"
+    profile: dict[str, Any] = field(default_factory=dict)  # small JSON facts (samples, shards, teacher)
+
+
+def cache_lineage(cache_dir: str, context: str, dataset_context: str | None = None) -> list[Lineage]:
+    """A feature cache (digest: :meth:`FeatureCache.content_sha256`) and the data set it was extracted from
+    (digest: the ingest fingerprint its manifest records), for a run that used it as ``context``."""
+    from vitdistill.cache import fs
+    from vitdistill.cache.reader import FeatureCache
+
+    cache = FeatureCache.open(cache_dir)
+    m = cache.manifest
+    ds = m.get("dataset") or {}
+    out = []
+    if ds.get("fingerprint"):  # a wds source has no ingest manifest: its shards are where they were read
+        shard = next((s.get("input") for s in m.get("shards", ()) if s.get("input")), None)
+        out.append(Lineage("dataset", str(ds.get("source", "dataset")), ds["fingerprint"],
+                           ds.get("manifest") or shard or cache_dir, dataset_context or context))
+    out.append(Lineage("feature_cache", f"features/{cache_dir.rstrip('/').rsplit('/', 1)[-1]}", cache.content_sha256(),
+                       fs.join(cache_dir, "manifest.json"), context,
+                       {"samples": m.get("num_samples"), "shards": len(m.get("shards", ()))}))
+    return out
+
+
+def inputs_lineage(inputs: Any, context: str) -> Lineage:
+    """An :class:`~vitdistill.data.ingest.InputSet` (its content fingerprint as digest)."""
+    return Lineage("dataset", inputs.source, inputs.fingerprint,
+                   inputs.manifest or (inputs.shards[0].rsplit("/", 1)[0] if inputs.shards else inputs.source), context,
+                   {"shards": len(inputs.shards)})
+
+
+def _requirements(*names: str) -> list[str]:
+    """A logged model's pip requirements, pinned to what logged it (MLflow's inference would load the
+    model once more in a subprocess)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("mlflow", "torch", "numpy", "vitdistill", *names):
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
 
 
 def figure_png(figure: Any, dpi: int = 110) -> bytes:

@@ -26,7 +26,8 @@ Distillation and LiT both train through it.
 - Under ``torchrun`` (``torch.distributed`` initialised), the model is wrapped in DDP, each rank
   reads its own shard of every epoch, rank 0 writes checkpoints, and epoch summaries are averaged
   over ranks, so every rank returns the same history.
-- Callbacks (:class:`Callback`) see every step, epoch and checkpoint: logging and evaluation hook in there.
+- Callbacks (:class:`Callback`) see the start and end of ``fit()`` and every step, epoch and checkpoint:
+  logging (:mod:`vitdistill.live`) and evaluation hook in there.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ class BatchSource(Protocol):
 
 class Callback:
     """Hooks of a training run; override the ones you need (each default does nothing)."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first step, after a resume (``trainer.step``, ``trainer.history`` hold the checkpoint's)."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """When ``fit()`` ends, normally or by an error (flush what is buffered, stop monitors)."""
 
     def on_step(self, trainer: Trainer, step: int, losses: dict[str, float]) -> None:
         """After optimiser step ``step`` (1-based): this rank's losses, ``lr`` and ``grad_norm``."""
@@ -286,6 +293,17 @@ class Trainer:
     def _fit(self) -> TrainResult:
         t0 = time.perf_counter()
         resumed = self.maybe_resume()
+        started: list[Callback] = []
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+                started.append(cb)
+            return self._loop(t0, resumed)
+        finally:
+            for cb in started:
+                cb.on_fit_end(self)
+
+    def _loop(self, t0: float, resumed: int | None) -> TrainResult:
         net: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None

@@ -45,7 +45,9 @@ from vitdistill.distill.students import ProbeHead, Student, create_student
 from vitdistill.distill.viewcache import build_view_cache, plan_view_cache, teacher_spec
 from vitdistill.distill.views import InputSpec
 from vitdistill.errors import ConfigError, DataError
+from vitdistill.live import live_callbacks
 from vitdistill.models.teachers import Teacher, create_teacher, resolve_device
+from vitdistill.tracking import Lineage, cache_lineage, inputs_lineage
 from vitdistill.trainer import Callback, Trainer, TrainerConfig, TrainResult, barrier, world
 
 
@@ -60,6 +62,8 @@ class DistillReport:
     checkpoint_dir: str | None = None
     view_cache_dir: str | None = None
     split_sizes: dict[str, int] = field(default_factory=dict)
+    curves_logged: bool = False  # the history went to the MLflow run live, during training
+    inputs: list[Lineage] = field(default_factory=list)  # data sets and caches read, for the run's lineage
 
 
 # --------------------------------------------------------------------------- setup
@@ -261,8 +265,10 @@ def loss_curves_figure(history: list[dict[str, float]], title: str) -> Figure:
 # --------------------------------------------------------------------------- the stage
 
 
-def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequence[Callback] = ()) -> DistillReport:
-    """Train ``cfg.student`` from ``cfg.teacher`` (``cfg.distill``), evaluate it, and report."""
+def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequence[Callback] = (),
+                run_id: str | None = None) -> DistillReport:
+    """Train ``cfg.student`` from ``cfg.teacher`` (``cfg.distill``), evaluate it, and report. With ``run_id``,
+    rank 0 logs the training to that MLflow run as it goes (:func:`vitdistill.live.live_callbacks`)."""
     d = cfg.distill
     device = train_device(d.device)
     created_group = init_distributed(device)
@@ -305,7 +311,8 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
                              grad_clip=d.grad_clip, optimizer=d.optimizer, ema_decay=d.ema_decay,
                              precision=d.precision, device=str(device), checkpoint_every=d.checkpoint_every,
                              checkpoint_dir=ckpt_dir, resume=d.resume, progress=progress, name="distill")
-        result = Trainer(student, loss_fn, data, tcfg, callbacks).fit()
+        live = live_callbacks(cfg.tracking, run_id)
+        result = Trainer(student, loss_fn, data, tcfg, [*callbacks, *live]).fit()
         student.to("cpu").eval()
         metrics = evaluate_distill(cfg, student, teacher, inputs, index)
         metrics.update(train_metrics(result, num_train, cache_seconds))
@@ -324,6 +331,9 @@ def run_distill(cfg: VitdistillConfig, *, progress: bool = True, callbacks: Sequ
             checkpoint_dir=ckpt_dir,
             view_cache_dir=view_cache_dir,
             split_sizes={s: index.total(s) for s in ("train", "val", "test")},
+            curves_logged=bool(live),
+            inputs=distill_lineage(cfg, inputs, train_inputs, view_cache_dir,
+                                   manifest if view_cache_dir else None) if rank == 0 else [],
         )
     finally:
         if created_group:
@@ -335,6 +345,27 @@ def _inputs(cfg: VitdistillConfig, progress: bool):
     index = index_shards(inputs.shards, SplitRule.from_config(cfg.data), cfg.data.on_error, inputs.fingerprint,
                          cfg.cache.root)
     return inputs, index, training_set(cfg, inputs, index, progress)
+
+
+def distill_lineage(cfg: VitdistillConfig, inputs: InputSet, train_inputs: InputSet, view_cache_dir: str | None,
+                    view_manifest: dict | None) -> list[Lineage]:
+    """What a distill run read: the images it trained on, the evaluated data set (when distinct), the view
+    cache (``distill.mode=cached``) and the feature cache the teacher probe came from, when there is one."""
+    from vitdistill.extract import plan_extraction
+
+    out = [inputs_lineage(train_inputs, "training")]
+    if train_inputs.fingerprint != inputs.fingerprint:
+        out.append(inputs_lineage(inputs, "evaluation"))
+    if view_cache_dir and view_manifest is not None:
+        digest = hashlib.sha256(json.dumps([s.get("sha256") or s.get("name") for s in view_manifest.get("shards", [])],
+                                           sort_keys=True).encode()).hexdigest()
+        out.append(Lineage("view_cache", f"views/{view_cache_dir.rstrip('/').rsplit('/', 1)[-1]}", digest,
+                           fs.join(view_cache_dir, "manifest.json"), "training",
+                           {"samples": view_manifest.get("num_samples")}))
+    plan = plan_extraction(cfg, inputs)
+    if fs.exists(plan.manifest_url):
+        out += [x for x in cache_lineage(plan.cache_dir, "evaluation") if x.kind == "feature_cache"]
+    return out
 
 
 def train_metrics(result: TrainResult, num_train: int, cache_seconds: float) -> dict[str, float]:
@@ -370,10 +401,16 @@ def log_report(tracker, run_id: str, report: DistillReport, cfg: VitdistillConfi
               "checkpoint_dir": report.checkpoint_dir, "view_cache_dir": report.view_cache_dir,
               **{f"split_{k}": v for k, v in report.split_sizes.items()}}
     tracker.log_report(run_id, params=params, metrics=report.metrics, history=report.history, figures=report.figures,
-                       tables=report.tables, table_prefix="distill_")
-    keep = ("student_top1", "teacher_top1", "agreement", "kl", "student_params", "student_gflops")
-    logged = tracker.log_pytorch_model(run_id, report.model, "student", registered_model_name=d.register_as,
-                                       version_tags={k: round(report.metrics[k], 6) for k in keep if k in report.metrics})
+                       tables=report.tables, table_prefix="distill_", curves_logged=report.curves_logged,
+                       inputs=report.inputs)
+    t = cfg.tracking
+    keep = ("student_top1", "teacher_top1", "agreement", "kl", "student_params", "student_gflops", t.champion_metric)
+    logged = tracker.log_student(run_id, report.model, "student", registered_model_name=d.register_as,
+                                 version_tags={k: round(report.metrics[k], 6) for k in keep if k in report.metrics},
+                                 champion=(t.champion_metric, t.champion_mode))
+    if logged["version"]:
+        tracker.set_tags(run_id, {"vitdistill.model_version": logged["version"],
+                                  "vitdistill.champion_version": logged["champion"]})
     return {"student": logged["model_uri"], "checkpoint_dir": report.checkpoint_dir,
             "registered_model": f"{logged['registered_model']}/{logged['version']}" if logged["version"] else None}
 
@@ -394,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--result", help="write a JSON summary here (rank 0)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.sets)
-    report = run_distill(cfg, progress=False)
+    report = run_distill(cfg, progress=False, run_id=args.run_id)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     paths = log_report(get_tracker(cfg.tracking), args.run_id, report, cfg) if args.run_id else {}

@@ -162,6 +162,15 @@ class ProbeHead(nn.Module):
         for name in ("mean", "scale", "weight", "bias"):
             self.register_buffer(name, torch.as_tensor(getattr(clf, name), dtype=torch.float32))
 
+    @classmethod
+    def of_shape(cls, num_classes: int, dim: int, normalize: bool) -> ProbeHead:
+        """An unfitted head of this shape, for ``load_state_dict``."""
+        from types import SimpleNamespace
+
+        z = torch.zeros
+        return cls(SimpleNamespace(normalize=normalize, mean=z(dim), scale=z(dim), weight=z(num_classes, dim),
+                                   bias=z(num_classes)))
+
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         x = emb.float()
         if self.normalize:
@@ -227,5 +236,62 @@ def create_student(cfg: StudentConfig, num_classes: int, teacher_dim: int, *, te
     backbone = create_backbone(cfg, dist_token=dist_token, seed=seed)
     size, mean, std = input_spec(backbone, cfg)
     torch.manual_seed(seed + 1)
-    return Student(backbone, num_classes, teacher_dim, teacher_classes, img_size=size, mean=mean, std=std,
-                   kd_head=kd_head, feature_head=feature_head, dist_token=dist_token)
+    student = Student(backbone, num_classes, teacher_dim, teacher_classes, img_size=size, mean=mean, std=std,
+                      kd_head=kd_head, feature_head=feature_head, dist_token=dist_token)
+    student.build_args = {"student": cfg.model_dump(mode="json"), "num_classes": num_classes,
+                          "teacher_dim": teacher_dim, "teacher_classes": teacher_classes, "kd_head": kd_head,
+                          "feature_head": feature_head, "dist_token": dist_token}
+    return student
+
+
+# --------------------------------------------------------------------------- saved without pickle
+
+ARCHITECTURE_FORMAT = 1
+
+
+def student_architecture(student: Student) -> dict[str, Any]:
+    """What rebuilds ``student`` (weights aside) as plain JSON: the ``create_student`` arguments, its input
+    spec, and the shape of a probe head (``distill.head=probe``) if its task head is one."""
+    head = student.head
+    probe = ({"num_classes": int(head.weight.shape[0]), "dim": int(head.weight.shape[1]),
+              "normalize": head.normalize} if isinstance(head, ProbeHead) else None)
+    return {"format": ARCHITECTURE_FORMAT, **student.build_args, "img_size": student.img_size,
+            "mean": list(student.mean), "std": list(student.std), "probe_head": probe}
+
+
+def save_student(student: Student, directory: str) -> dict[str, str]:
+    """``architecture.json`` and ``weights.safetensors`` in ``directory``; returns their paths by role."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    paths = {"architecture": os.path.join(directory, "architecture.json"),
+             "weights": os.path.join(directory, "weights.safetensors")}
+    with open(paths["architecture"], "w") as f:
+        json.dump(student_architecture(student), f, indent=2)
+    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    save_file(state, paths["weights"])
+    return paths
+
+
+def load_student(architecture_path: str, weights_path: str) -> Student:
+    """The student :func:`save_student` wrote, in eval mode on the CPU: rebuilt from its JSON (never
+    pretrained weights from a hub) and filled from safetensors (no pickle)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(architecture_path) as f:
+        arch = json.load(f)
+    if arch.get("format") != ARCHITECTURE_FORMAT:
+        raise ConfigError(f"{architecture_path}: student architecture format {arch.get('format')!r}, expected "
+                          f"{ARCHITECTURE_FORMAT}")
+    cfg = StudentConfig(**{**arch["student"], "pretrained": False})
+    student = create_student(cfg, arch["num_classes"], arch["teacher_dim"], teacher_classes=arch["teacher_classes"],
+                             kd_head=arch["kd_head"], feature_head=arch["feature_head"], dist_token=arch["dist_token"])
+    if arch["probe_head"]:
+        student.head = ProbeHead.of_shape(**arch["probe_head"])
+    student.img_size, student.mean, student.std = arch["img_size"], tuple(arch["mean"]), tuple(arch["std"])
+    student.load_state_dict(load_file(weights_path))
+    return student.eval()

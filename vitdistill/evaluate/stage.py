@@ -1,7 +1,8 @@
 """The evaluate stage: the teacher (a linear probe on its frozen features) and the distilled student,
 side by side, through the configured evaluators on the test split.
 
-    report = run_evaluate(cfg, cache_dir, student=model_or_None)
+    student = tracker.load_student(cfg.evaluate.student or distilled_uri)  # models:/NAME@champion, runs:/ID/student
+    report = run_evaluate(cfg, cache_dir, student=student)
     report.metrics["teacher/calibration/ece"], report.metrics["student/robustness/mean_relative_drop"]
 """
 
@@ -22,6 +23,7 @@ from vitdistill.errors import DataError
 from vitdistill.evaluate.base import INPUTS, describe_metric, evaluator_class
 from vitdistill.evaluate.shape_bias import cue_conflict_arrays
 from vitdistill.models.teachers import Teacher, create_teacher
+from vitdistill.tracking import cache_lineage
 
 
 class TeacherProbe:
@@ -191,6 +193,20 @@ def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module
     keys = sorted({k.split("/", 1)[1] for k in metrics})
     table = [{"metric": k, **{who: round(metrics.get(f"{who}/{k}", float("nan")), 4) for who in models}} for k in keys]
     return EvaluateReport(metrics, figures, {"teacher_vs_student": table, **tables}, summary_line(metrics, models))
+
+
+def log_report(tracker, run_id: str, report: EvaluateReport, cache_dir: str, student_uri: str | None) -> None:
+    """What an evaluate run shows in MLflow: params, metrics, figures, tables, and its lineage: the feature
+    cache and data set it read and the student model it evaluated (``evaluate.student``)."""
+    params = {"cache_dir": cache_dir, "student_uri": student_uri or "-"}
+    model_id = None
+    if student_uri:
+        model_id, version = tracker.model_identity(student_uri)
+        params["student_model_version"] = version or "-"
+    tracker.log_report(run_id, params=params, metrics=report.metrics, figures=report.figures, tables=report.tables,
+                       inputs=cache_lineage(cache_dir, "evaluation"))
+    if model_id:
+        tracker.log_model_input(run_id, model_id)
 
 
 def summary_line(metrics: dict[str, float], models: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitdistill.config import LitConfig
+from vitdistill.config import LitConfig, TrackingConfig
 from vitdistill.lit.data import LitData, load_lit_data
 from vitdistill.lit.evaluate import recall_at_k, zeroshot_classifier, zeroshot_predict
 from vitdistill.lit.losses import create_lit_loss
@@ -27,8 +27,10 @@ from vitdistill.lit.model import LitModel
 from vitdistill.lit.plots import loss_curve_figure
 from vitdistill.lit.text import create_text_tower
 from vitdistill.lit.train import TextFeatures, embed_images, embed_text_ids, train_lit
+from vitdistill.live import live_callbacks
 from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall
 from vitdistill.probes.plots import confusion_figure, per_class_table
+from vitdistill.tracking import cache_lineage
 
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -42,6 +44,7 @@ class LitReport:
     model: nn.Module | None = None  # LitModel: strings -> joint space, plus the image head
     split_sizes: dict[str, int] = field(default_factory=dict)
     headline: str = ""
+    curves_logged: bool = False  # the history went to the MLflow run live, during training
 
 
 def build_lit_model(cfg: LitConfig, data: LitData) -> tuple[LitModel, nn.Module]:
@@ -75,14 +78,18 @@ def zeroshot_metrics(img: np.ndarray, cls: np.ndarray, classifier: np.ndarray,
 
 
 def run_lit(cache_dir: str, cfg: LitConfig, *, progress: bool = True,
-            on_epoch: Callable[[dict], None] | None = None) -> LitReport:
+            on_epoch: Callable[[dict], None] | None = None, run_id: str | None = None,
+            tracking: TrackingConfig | None = None) -> LitReport:
+    """Train and evaluate LiT on ``cache_dir``. With ``run_id`` and ``tracking``, the training is logged
+    to that MLflow run as it goes (:func:`vitdistill.live.live_callbacks`)."""
     data = load_lit_data(cache_dir, holdout_combos=cfg.holdout_combos)
     model, loss_fn = build_lit_model(cfg, data)
     frozen = model.text_tower.pretrained and cfg.freeze_text
     t0 = time.perf_counter()
     feats = TextFeatures(model, data.texts, frozen)
+    live = live_callbacks(tracking, run_id) if tracking is not None else []
     history = train_lit(model, loss_fn, data, cfg, frozen_text=frozen, feats=feats, progress=progress,
-                        on_epoch=on_epoch)
+                        on_epoch=on_epoch, callbacks=live)
     train_seconds = time.perf_counter() - t0
 
     test = data.test
@@ -116,4 +123,16 @@ def run_lit(cache_dir: str, cfg: LitConfig, *, progress: bool = True,
         headline += ","
     headline += f" i2t R@1 {metrics['retrieval_i2t_r1']:.3f}, t2i R@1 {metrics['retrieval_t2i_r1']:.3f}"
     return LitReport(metrics=metrics, history=history, tables=tables, figures=figures, model=model,
-                     split_sizes=data.sizes(), headline=headline)
+                     split_sizes=data.sizes(), headline=headline, curves_logged=bool(live))
+
+
+def log_report(tracker, run_id: str, report: LitReport, cache_dir: str) -> dict[str, str]:
+    """Everything a LiT run shows in MLflow: params, curves (unless they went live), metrics, figures,
+    tables, the feature cache and data set it read (lineage), and the text tower as an MLflow model."""
+    params = {"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}}
+    tracker.log_report(run_id, params=params,
+                       metrics=report.metrics, history=report.history, figures=report.figures, tables=report.tables,
+                       table_prefix="lit_", curves_logged=report.curves_logged,
+                       inputs=cache_lineage(cache_dir, "training", dataset_context="source"))
+    model_uri = tracker.log_pytorch_model(run_id, report.model, "text_tower")["model_uri"]
+    return {"cache_dir": cache_dir, "text_tower": model_uri}

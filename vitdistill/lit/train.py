@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -177,11 +177,13 @@ class OnEpoch(Callback):
 
 def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig, *, frozen_text: bool,
               feats: TextFeatures | None = None, progress: bool = True,
-              on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train ``model`` (text side and heads) and ``loss_fn`` (temperature) in place; returns history."""
+              on_epoch: Callable[[dict], None] | None = None, callbacks: Sequence[Callback] = ()) -> list[dict]:
+    """Train ``model`` (text side and heads) and ``loss_fn`` (temperature) in place; returns history.
+    ``callbacks`` run after the validation callback, so their ``on_epoch`` sees the whole history row."""
     feats = feats or TextFeatures(model, data.texts, frozen_text)
     objective = LitObjective(model, loss_fn, feats, torch.from_numpy(data.text_groups), frozen_text)
-    callbacks = [LitValidation(objective, data, cfg.batch_size)] + ([OnEpoch(on_epoch)] if on_epoch else [])
+    callbacks = [LitValidation(objective, data, cfg.batch_size), *([OnEpoch(on_epoch)] if on_epoch else []),
+                 *callbacks]
     batches = LitBatches(data.train, cfg.batch_size, cfg.seed)
     trainer = Trainer(objective, None, batches, trainer_config(cfg, progress), callbacks,
                       parts=lit_parts(objective, cfg))

@@ -166,6 +166,8 @@ def _get_run(tracker: Tracker, run_id: str):
 def _curves(tracker: Tracker, run_id: str, metrics: dict[str, float]) -> dict[str, list[tuple[int, float]]]:
     out = {}
     for key in sorted(metrics):
+        if key.startswith(("step/", "system/")):  # per-step and machine curves stay in the MLflow UI
+            continue
         history = tracker.client.get_metric_history(run_id, key)
         if len(history) > 1:
             out[key] = sorted((m.step, m.value) for m in history)
