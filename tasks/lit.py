@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks._common import artifact_key
+from tasks._common import Progress, artifact_key
 from vitdistill.config import VitdistillConfig
 from vitdistill.lit.stage import run_lit
 from vitdistill.stages import StageResult
@@ -16,7 +16,8 @@ from vitdistill.tracking import get_tracker
 @task(name="lit", cache_policy=NO_CACHE)
 def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
     """Text tower + heads trained contrastively against cached image embeddings; zero-shot + retrieval."""
-    report = run_lit(cache_dir, config.lit)
+    progress = Progress("lit-progress", config.lit.epochs, "LiT epochs")
+    report = run_lit(cache_dir, config.lit, on_epoch=lambda row: progress.advance(note=f"loss {row.get('train_loss', float('nan')):.4g}"))
     tracker = get_tracker(config.tracking)
     tracker.log_report(run_id, params={"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}},
                        metrics=report.metrics, history=report.history, figures=report.figures, tables=report.tables,
@@ -26,3 +27,7 @@ def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
                           key=artifact_key("lit", "metrics"), description="LiT zero-shot and retrieval")
     return StageResult("lit", "ok", report.headline, report.metrics,
                        {"cache_dir": cache_dir, "text_tower": model_uri}, run_id).to_dict()
+
+
+def run_stage(config: VitdistillConfig, run_id: str, upstream: dict[str, dict]) -> StageResult:
+    return StageResult(**lit(config, run_id, upstream["extract"]["paths"]["cache_dir"]))

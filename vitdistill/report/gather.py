@@ -11,6 +11,7 @@ on a tracking server (artifacts proxied or on S3).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
@@ -26,8 +27,6 @@ from vitdistill.tracking import Tracker
 STAGE_TAG = "vitdistill.stage"
 PARENT_TAG = "mlflow.parentRunId"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-# Stages whose metrics are per-epoch curves worth redrawing.
-CURVE_STAGES = ("lit", "distill")
 # Artifacts read back: figures and small JSON tables, never models or large files.
 MAX_ARTIFACT_BYTES = 4 << 20
 _PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -108,14 +107,16 @@ def gather_run(tracker: Tracker, run_id: str | None = None, figures: bool = True
                                   order_by=["attributes.start_time ASC"])
     by_stage = {c.data.tags.get(STAGE_TAG): c for c in children}  # a stage run twice: the later one
     stages = {}
-    for name in STAGES:
+    for spec in STAGES:
+        name = spec.name
         child = by_stage.get(name)
         if child is None:
             continue
         stage = StageRun(name, child.info.run_id, child.info.status, child.info.start_time, child.info.end_time,
                          dict(child.data.metrics), redact(dict(child.data.params)))
-        if name in CURVE_STAGES:
-            stage.curves = _curves(tracker, stage.run_id, stage.metrics)
+        if spec.curves:  # the metrics the stage logs per epoch
+            stage.curves = _curves(tracker, stage.run_id, [k for k in stage.metrics
+                                                           if any(fnmatch.fnmatch(k, p) for p in spec.curves)])
         stage.tables, stage.figures = _artifacts(tracker, stage.run_id, figures)
         stages[name] = stage
     evaluate = stages.get("evaluate")
@@ -145,7 +146,7 @@ def _get_run(tracker: Tracker, run_id: str):
                           "argument takes the latest finished run") from None
 
 
-def _curves(tracker: Tracker, run_id: str, metrics: dict[str, float]) -> dict[str, list[tuple[int, float]]]:
+def _curves(tracker: Tracker, run_id: str, metrics: list[str]) -> dict[str, list[tuple[int, float]]]:
     out = {}
     for key in sorted(metrics):
         history = tracker.client.get_metric_history(run_id, key)
