@@ -22,6 +22,7 @@ ends Failed (:class:`~vitdistill.stages.StagesFailed`, which carries the run's s
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 
 from prefect import allow_failure, flow
@@ -57,16 +58,19 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     futures: dict = {}
     try:
         with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            for name in names:
-                needs = [futures[n] for n in STAGES.stage(name).needs if n in futures]
-                futures[name] = runner.submit(
-                    stage_task,
-                    parameters={"name": name, "config": config, "parent_run_id": parent,
-                                "upstream": {n: allow_failure(futures[n]) for n in STAGES.stage(name).needs
-                                             if n in futures}},
-                    wait_for=[allow_failure(f) for f in needs])
-            for future in futures.values():
-                future.wait()
+            while len(futures) < len(names) or any(not f.wrapped_future.done() for f in futures.values()):
+                running = [f.wrapped_future for f in futures.values() if not f.wrapped_future.done()]
+                ready = [n for n in names if n not in futures
+                         and all(d in futures and futures[d].wrapped_future.done() for d in STAGES.stage(n).needs)]
+                for name in ready[: workers - len(running)]:  # a stage starts once what it needs has ended
+                    needs = {d: futures[d] for d in STAGES.stage(name).needs if d in futures}
+                    futures[name] = runner.submit(
+                        stage_task,
+                        parameters={"name": name, "config": config, "parent_run_id": parent,
+                                    "upstream": {d: allow_failure(f) for d, f in needs.items()}},
+                        wait_for=[allow_failure(f) for f in needs.values()])  # the edges the UI draws
+                    running.append(futures[name].wrapped_future)
+                concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
     except BaseException:
         STOP.set()  # the stages in worker threads stop at their next step, epoch, shard or evaluator
         close_run(config, parent, "FAILED")
@@ -101,6 +105,7 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
 
 
 def _result(name: str, future) -> StageResult:
+    future.wait()  # the final state, from the thread that ran it (the API's copy may lag behind)
     state = future.state
     if state.is_completed():
         return StageResult(**future.result())

@@ -24,8 +24,14 @@ def _task_runs(flow_run_id):
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def _stage_runs(flow_run_id) -> dict:
-    return {r.name: r for r in _task_runs(flow_run_id) if r.name in STAGES}
+def _stage_runs(flow_run_id, timeout=30.0) -> dict:
+    """The stage task runs of a flow run, once the API holds their final states (it learns them from events)."""
+    deadline = time.time() + timeout
+    while True:
+        runs = {r.name: r for r in _task_runs(flow_run_id) if r.name in STAGES}
+        if all(r.state and r.state.is_final() and r.end_time for r in runs.values()) or time.time() > deadline:
+            return runs
+        time.sleep(1)
 
 
 def _upstream_names(run, by_id: dict) -> set[str]:

@@ -18,6 +18,7 @@ child run, ``upstream`` the results of the stages it needs, by name.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,10 @@ class StageRegistry(Registry[StageResult]):
 
     def names(self) -> list[str]:
         return list(self._entries)
+
+    def list(self, pattern: str = "*") -> list[str]:
+        """Registered stage names matching ``pattern``, in registration (pipeline) order."""
+        return [n for n in self._entries if fnmatch.fnmatch(n, pattern)]
 
     def stage(self, name: str) -> Stage:
         return self.get(name)  # type: ignore[return-value]
