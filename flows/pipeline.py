@@ -55,24 +55,10 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     log.info("running %s with up to %d stage(s) at once, %d torch thread(s) each", ", ".join(names), workers,
              torch.get_num_threads())
     parent = open_run(config, f"vitdistill-{target}", None)
-    futures: dict = {}
     try:
         with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            while len(futures) < len(names) or any(not f.wrapped_future.done() for f in futures.values()):
-                running = [f.wrapped_future for f in futures.values() if not f.wrapped_future.done()]
-                ready = [n for n in names if n not in futures
-                         and all(d in futures and futures[d].wrapped_future.done() for d in STAGES.stage(n).needs)]
-                for name in ready[: workers - len(running)]:  # a stage starts once what it needs has ended
-                    needs = {d: futures[d] for d in STAGES.stage(name).needs if d in futures}
-                    futures[name] = runner.submit(
-                        stage_task,
-                        parameters={"name": name, "config": config, "parent_run_id": parent,
-                                    "upstream": {d: allow_failure(f) for d, f in needs.items()}},
-                        wait_for=[allow_failure(f) for f in needs.values()])  # the edges the UI draws
-                    running.append(futures[name].wrapped_future)
-                concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            futures = _run_stages(runner, workers, config, names, parent)
     except BaseException:
-        STOP.set()  # the stages in worker threads stop at their next step, epoch, shard or evaluator
         close_run(config, parent, "FAILED")
         raise
     finally:
@@ -102,6 +88,30 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     if failed:
         raise StagesFailed(result)
     return result
+
+
+def _run_stages(runner: ThreadPoolTaskRunner, workers: int, config: VitdistillConfig, names: list[str],
+                parent: str) -> dict:
+    """Submit each stage once the stages it needs have ended, at most ``workers`` at a time; wait for all."""
+    futures: dict = {}
+    try:
+        while len(futures) < len(names) or any(not f.wrapped_future.done() for f in futures.values()):
+            running = [f.wrapped_future for f in futures.values() if not f.wrapped_future.done()]
+            ready = [n for n in names if n not in futures
+                     and all(d in futures and futures[d].wrapped_future.done() for d in STAGES.stage(n).needs)]
+            for name in ready[: workers - len(running)]:
+                needs = {d: futures[d] for d in STAGES.stage(name).needs}
+                futures[name] = runner.submit(
+                    stage_task,
+                    parameters={"name": name, "config": config, "parent_run_id": parent,
+                                "upstream": {d: allow_failure(f) for d, f in needs.items()}},
+                    wait_for=[allow_failure(f) for f in needs.values()])  # the edges the UI draws
+                running.append(futures[name].wrapped_future)
+            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+    except BaseException:  # a Ctrl-C reaches this (main) thread only
+        STOP.set()  # the stages in the runner's threads stop at their next step, epoch, shard or evaluator
+        raise
+    return futures
 
 
 def _result(name: str, future) -> StageResult:
