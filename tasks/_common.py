@@ -71,7 +71,8 @@ def artifact_key(*parts: str) -> str:
 
 
 class Progress:
-    """A Prefect progress artifact of ``total`` units (shards, epochs, evaluators), updated as they finish.
+    """A Prefect progress artifact of ``total`` units (shards, epochs, evaluators), updated as they finish;
+    each update also checks the stop flag (an interrupted flow stops there).
 
     Artifacts are best effort: a failed API call never fails the stage."""
 

@@ -17,7 +17,11 @@ from vitdistill.tracking import get_tracker
 def lit(config: VitdistillConfig, run_id: str, cache_dir: str) -> dict:
     """Text tower + heads trained contrastively against cached image embeddings; zero-shot + retrieval."""
     progress = Progress("lit-progress", config.lit.epochs, "LiT epochs")
-    report = run_lit(cache_dir, config.lit, on_epoch=lambda row: progress.advance(note=f"loss {row.get('train_loss', float('nan')):.4g}"))
+
+    def on_epoch(row: dict) -> None:
+        progress.advance(note=f"loss {row.get('train_loss', float('nan')):.4g}")
+
+    report = run_lit(cache_dir, config.lit, on_epoch=on_epoch)
     tracker = get_tracker(config.tracking)
     tracker.log_report(run_id, params={"cache_dir": cache_dir, **{f"split_{k}": v for k, v in report.split_sizes.items()}},
                        metrics=report.metrics, history=report.history, figures=report.figures, tables=report.tables,

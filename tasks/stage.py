@@ -35,7 +35,7 @@ def _skip_cause(name: str, upstream: dict[str, object]) -> str | None:
 
 @task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
 def stage(name: str, config: VitdistillConfig, parent_run_id: str, upstream: dict[str, object]):
-    """Run stage ``name`` (see :data:`vitdistill.stages.STAGES`) after ``upstream``, the results of the stages it needs."""
+    """Run stage ``name`` (:data:`vitdistill.stages.STAGES`); ``upstream``: the results of the stages it needs."""
     route_library_logs()
     spec = STAGES.stage(name)
     cause = _skip_cause(name, upstream)

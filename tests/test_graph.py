@@ -168,7 +168,8 @@ def test_a_registered_stage_reaches_the_flows_the_cli_and_the_deployments(toy, p
     assert pipeline.toy_flow.name == "vitdistill-toy" and pipeline.get_flow("toy") is pipeline.toy_flow
 
     spec = next(d for d in deployments() if d.stage == "toy")
-    assert (spec.full_name, spec.entrypoint, spec.cron) == ("vitdistill-toy/toy", "flows/pipeline.py:toy_flow", "0 9 * * *")
+    assert (spec.full_name, spec.entrypoint) == ("vitdistill-toy/toy", "flows/pipeline.py:toy_flow")
+    assert (spec.cron, spec.description) == ("0 9 * * *", "toy, daily at 09:00")
 
     cli.add_stage_commands()
     r = CliRunner().invoke(cli.app, ["--help"], env={"COLUMNS": "200"})

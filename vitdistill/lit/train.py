@@ -185,7 +185,8 @@ def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig
     """Train ``model`` (text side and heads) and ``loss_fn`` (temperature) in place; returns history."""
     feats = feats or TextFeatures(model, data.texts, frozen_text)
     objective = LitObjective(model, loss_fn, feats, torch.from_numpy(data.text_groups), frozen_text)
-    callbacks = [LitValidation(objective, data, cfg.batch_size), EpochLog("lit")] + ([OnEpoch(on_epoch)] if on_epoch else [])
+    callbacks = [LitValidation(objective, data, cfg.batch_size), EpochLog("lit")]
+    callbacks += [OnEpoch(on_epoch)] if on_epoch else []
     batches = LitBatches(data.train, cfg.batch_size, cfg.seed)
     log.info("LiT: %d epochs of %d batches, %s text tower", cfg.epochs, len(batches),
              "frozen" if frozen_text else "trained")
