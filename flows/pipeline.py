@@ -122,7 +122,8 @@ def _result(name: str, future) -> StageResult:
     error = state.result(raise_on_failure=False)
     if not isinstance(error, BaseException):
         error = RuntimeError(state.message or f"stage {name} ended {state.type.value}")
-    return StageResult(name, "failed", message=failure_message(error), bad_input=_bad_input(error))
+    return StageResult(name, "failed", message=failure_message(error), run_id=getattr(error, "mlflow_run_id", None),
+                       bad_input=_bad_input(error))
 
 
 def _bad_input(error: BaseException) -> bool:

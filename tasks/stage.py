@@ -49,8 +49,9 @@ def stage(name: str, config: VitdistillConfig, parent_run_id: str, upstream: dic
     run_id = open_run(config, name, parent_run_id)
     try:
         result = spec(config, run_id, results)
-    except BaseException:
+    except BaseException as e:
         close_run(config, run_id, "FAILED")
+        e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # the run summary names the failed stage's run
         raise
     close_run(config, run_id, "FINISHED")
     return result.to_dict()

@@ -119,6 +119,7 @@ def test_a_failed_stage_skips_only_what_needs_it(prefect_harness, make_cfg):
     assert {n: s["status"] for n, s in status.items()} == {
         "extract": "ok", "probe": "ok", "lit": "ok", "distill": "failed", "evaluate": "skipped"}
     assert status["distill"]["bad_input"] and "no_such_student" in status["distill"]["message"]
+    assert status["distill"]["run_id"] and status["evaluate"]["run_id"] is None
     assert status["evaluate"]["skipped_because"] == "distill"
     assert result["failed"] == ["distill"] and result["skipped"] == {"evaluate": "distill"}
     assert result["report"] is None
@@ -130,6 +131,7 @@ def test_a_failed_stage_skips_only_what_needs_it(prefect_harness, make_cfg):
     client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
     assert client.get_run(result["mlflow_run_id"]).info.status == "FAILED"
     assert client.get_run(status["lit"]["run_id"]).info.status == "FINISHED"
+    assert client.get_run(status["distill"]["run_id"]).info.status == "FAILED"
     children = client.search_runs([client.get_experiment_by_name("vitdistill").experiment_id],
                                   f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     assert {c.info.run_name: c.info.status for c in children} == {
@@ -184,3 +186,33 @@ def test_a_registered_stage_reaches_the_flows_the_cli_and_the_deployments(toy, p
     assert result["stages"][1]["metrics"] == {"toy_shards": 2.0}
     runs = _stage_runs(state.state_details.flow_run_id)
     assert _upstream_names(runs["toy"], {r.id: r for r in runs.values()}) == {"extract"}
+
+
+def test_epoch_log_lines_every_epoch_of_short_runs_and_about_ten_of_long_ones():
+    import logging
+    from types import SimpleNamespace
+
+    from vitdistill.logs import EpochLog
+
+    logger = logging.getLogger("vitdistill.logs")
+
+    def lines(epochs: int) -> list[str]:
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger.addHandler(handler)
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        try:
+            trainer, cb = SimpleNamespace(cfg=SimpleNamespace(epochs=epochs)), EpochLog("lit")
+            for e in range(epochs):
+                cb.on_epoch(trainer, e, {"epoch": float(e), "loss": 1.0 / (e + 1), "seconds": 0.5})
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        return [r.getMessage() for r in records]
+
+    short = lines(5)
+    assert len(short) == 5 and short[0] == "lit: epoch 1/5 loss 1 (0.50 s)"
+    long = lines(33)
+    assert len(long) == 9 and long[0].startswith("lit: epoch 4/33") and long[-1].startswith("lit: epoch 33/33")
