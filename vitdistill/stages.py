@@ -24,7 +24,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from vitdistill.errors import ConfigError, VitdistillError
+from vitdistill.errors import ConfigError, VitdistillError, one_line
 from vitdistill.registry import Registry
 
 PIPELINE = "pipeline"
@@ -194,11 +194,11 @@ def threads_per_stage(concurrency: int) -> int:
 
 
 def failure_message(e: BaseException) -> str:
-    """A failed stage's one line: a VitdistillError's own message, else its type and first line."""
+    """A failed stage's one line (:func:`vitdistill.errors.one_line`), else its type and first line; URIs masked."""
     from vitdistill.redact import redact_uri
 
     first = (str(e).strip().splitlines() or [""])[0]
-    return redact_uri(first if isinstance(e, VitdistillError) and first else f"{type(e).__name__}: {first}")
+    return redact_uri(one_line(e) or f"{type(e).__name__}: {first}")
 
 
 class StagesFailed(VitdistillError):

@@ -101,19 +101,11 @@ def _quiet_prefect_tracebacks() -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    from pydantic import ValidationError
+    from vitdistill.errors import one_line
 
-    from vitdistill.errors import VitdistillError
-
-    if isinstance(e, VitdistillError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, ValidationError):
-        return f"invalid value: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}"
-    if isinstance(e, FileNotFoundError):
-        return f"{e.filename or e}: file not found"
-    if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-        return ("no S3 credentials found for the s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or AWS_PROFILE), and AWS_ENDPOINT_URL for a non-AWS server")
+    known = one_line(e)
+    if known is not None:
+        return known
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first} (re-run with --debug for the traceback)"
 
