@@ -1,4 +1,5 @@
-"""One Prefect deployment per flow, on a process work pool, each with an example cron schedule.
+"""One Prefect deployment per flow, on a process work pool, each with an example cron schedule: the
+pipeline, one per registered stage (:data:`vitdistill.stages.STAGES`, which holds their schedules) and the report.
 
 Apply them to the server named by ``PREFECT_API_URL`` (``vitdistill up`` starts one locally):
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from vitdistill.config import VitdistillConfig
 from vitdistill.errors import ConfigError
+from vitdistill.stages import PIPELINE, STAGES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,16 +39,20 @@ class DeploymentSpec:
         return f"{self.flow_name}/{self.stage}"
 
 
-DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
-    DeploymentSpec("pipeline", "flows/pipeline.py:pipeline_flow", "0 2 * * *", "whole pipeline, nightly at 02:00"),
-    DeploymentSpec("extract", "flows/pipeline.py:extract_flow", "0 1 * * *", "refresh the feature cache, nightly at 01:00"),
-    DeploymentSpec("probe", "flows/pipeline.py:probe_flow", "30 2 * * *", "probes, nightly at 02:30"),
-    DeploymentSpec("lit", "flows/pipeline.py:lit_flow", "0 3 * * 0", "LiT, Sundays at 03:00"),
-    DeploymentSpec("distill", "flows/pipeline.py:distill_flow", "0 4 * * 6", "distillation, Saturdays at 04:00"),
-    DeploymentSpec("evaluate", "flows/pipeline.py:evaluate_flow", "0 6 * * 6", "evaluations and report, Saturdays at 06:00"),
-    DeploymentSpec("report", "flows/pipeline.py:report_flow", "0 7 * * *",
-                   "HTML report of the latest finished run that evaluated, daily at 07:00"),
-)
+# The flow-run processes a worker starts configure Prefect's logging before importing the flows:
+# the library's loggers are named here so their lines reach the API under each task run.
+JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "vitdistill"}
+
+
+def deployments() -> list[DeploymentSpec]:
+    """The pipeline, each registered stage, then the report, in that order."""
+    return [
+        DeploymentSpec(PIPELINE, "flows/pipeline.py:pipeline_flow", "0 2 * * *", "whole pipeline, nightly at 02:00"),
+        *(DeploymentSpec(s.name, f"flows/pipeline.py:{s.name}_flow", s.cron, s.schedule or s.description)
+          for s in STAGES),
+        DeploymentSpec("report", "flows/pipeline.py:report_flow", "0 7 * * *",
+                       "HTML report of the latest finished run that evaluated, daily at 07:00"),
+    ]
 
 
 def ensure_work_pool(name: str) -> bool:
@@ -74,7 +80,7 @@ def deploy_all(config: VitdistillConfig, activate_schedules: bool = False) -> li
     pool = config.orchestration.work_pool
     ensure_work_pool(pool)
     rows = []
-    for spec in DEPLOYMENTS:
+    for spec in deployments():
         loaded = flow.from_source(source=str(REPO_ROOT), entrypoint=spec.entrypoint)
         deployment_id = loaded.deploy(
             name=spec.stage,
@@ -82,6 +88,7 @@ def deploy_all(config: VitdistillConfig, activate_schedules: bool = False) -> li
             cron=spec.cron,
             paused=not activate_schedules,
             parameters={"config": config.model_dump(mode="json")},
+            job_variables={"env": JOB_ENV},
             description=spec.description,
             tags=["vitdistill"],
             build=False,
@@ -99,9 +106,10 @@ def submit(stage: str, config: VitdistillConfig, wait_seconds: float | None) -> 
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    spec = next((d for d in DEPLOYMENTS if d.stage == stage), None)
+    specs = deployments()
+    spec = next((d for d in specs if d.stage == stage), None)
     if spec is None:
-        raise ConfigError(f"no deployment for stage {stage!r}; deployed stages: {', '.join(d.stage for d in DEPLOYMENTS)}")
+        raise ConfigError(f"no deployment for stage {stage!r}; deployed stages: {', '.join(d.stage for d in specs)}")
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_deployment_by_name(spec.full_name).work_pool_name

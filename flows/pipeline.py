@@ -1,4 +1,4 @@
-"""The vitdistill flows: the whole pipeline, and each stage alone.
+"""The vitdistill flows: the whole pipeline, and each stage alone, all built from the stage registry.
 
 Run the whole pipeline on the embedded defaults (ephemeral Prefect, sqlite MLflow, digits):
 
@@ -12,50 +12,162 @@ Each stage alone (it builds what it depends on, reusing caches):
 The HTML report of a finished run (the pipeline writes one itself when it evaluates):
 
     vitdistill report [RUN_ID]
+
+Each flow submits one ``stage`` task per stage it runs (see :data:`vitdistill.stages.STAGES`), each
+waiting on the stages it needs, so the Prefect UI draws the graph; up to
+``orchestration.stage_concurrency`` of them run at once (probe, LiT and distillation after extraction).
+A failed stage fails the stages that need it (reported ``skipped``), the others go on, and the flow run
+ends Failed (:class:`~vitdistill.stages.StagesFailed`, which carries the run's summary).
 """
 
 from __future__ import annotations
 
-from prefect import flow
+import concurrent.futures
+import logging
 
-from flows._stages import run_stages
+from prefect import allow_failure, flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks._common import STOP, route_library_logs
+from tasks.stage import stage as stage_task
+from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import VitdistillConfig
+from vitdistill.stages import (PIPELINE, STAGES, StageResult, StagesFailed, failure_message, stage_concurrency,
+                               stages_to_run, threads_per_stage)
+from vitdistill.tracking import get_tracker
+
+log = logging.getLogger("vitdistill.flows")
 
 
-@flow(name="vitdistill-pipeline", log_prints=True)
-def pipeline_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
-    """extract -> probe -> lit -> distill -> evaluate, one MLflow parent run with a child per stage."""
-    return run_stages(config, "pipeline")
+def run_graph(config: VitdistillConfig, target: str) -> dict:
+    """Run ``target`` (a stage or ``pipeline``) and what it needs as a graph of stage tasks under one MLflow
+    parent run, then, when the evaluate stage ran, write the run's HTML report (``report.enabled``)."""
+    import torch
+
+    route_library_logs()
+    STOP.clear()
+    names = stages_to_run(target)
+    workers = stage_concurrency(config.orchestration.stage_concurrency, names)
+    tracker = get_tracker(config.tracking)
+    threads = torch.get_num_threads()
+    if workers > 1:  # concurrent stages share the cores instead of each taking all of them
+        torch.set_num_threads(min(threads, threads_per_stage(workers)))
+    log.info("running %s with up to %d stage(s) at once, %d torch thread(s) each", ", ".join(names), workers,
+             torch.get_num_threads())
+    parent = open_run(config, f"vitdistill-{target}", None)
+    try:
+        with ThreadPoolTaskRunner(max_workers=workers) as runner:
+            futures = _run_stages(runner, workers, config, names, parent)
+    except BaseException:
+        close_run(config, parent, "FAILED")
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    results = [_result(name, futures[name]) for name in names]
+    failed = [r for r in results if r.status == "failed"]
+    close_run(config, parent, "FAILED" if failed else "FINISHED")
+    report = None
+    if config.report.enabled and any(r.stage == "evaluate" and r.status == "ok" for r in results):
+        from tasks.report import report as report_task
+
+        report = report_task(config, parent)  # after the parent run is closed: it reads a finished run
+    result = {
+        "target": target,
+        "mlflow_run_id": parent,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "tracking_uri": tracker.display_uri,
+        "mlflow_run_url": tracker.run_url(parent),
+        "mlflow_ui": tracker.ui_command(),
+        "stage_concurrency": workers,
+        "stages": [r.to_dict() for r in results],
+        "failed": [r.stage for r in failed],
+        "skipped": {r.stage: r.skipped_because for r in results if r.status == "skipped"},
+        "report": report,
+    }
+    publish_summary(result)
+    if failed:
+        raise StagesFailed(result)
+    return result
 
 
-@flow(name="vitdistill-extract", log_prints=True)
-def extract_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
-    """Teacher features into a content-addressed, resumable webdataset cache."""
-    return run_stages(config, "extract")
+def _run_stages(runner: ThreadPoolTaskRunner, workers: int, config: VitdistillConfig, names: list[str],
+                parent: str) -> dict:
+    """Submit each stage once the stages it needs have ended, at most ``workers`` at a time; wait for all."""
+    futures: dict = {}
+    try:
+        while len(futures) < len(names) or any(not f.wrapped_future.done() for f in futures.values()):
+            running = [f.wrapped_future for f in futures.values() if not f.wrapped_future.done()]
+            ready = [n for n in names if n not in futures
+                     and all(d in futures and futures[d].wrapped_future.done() for d in STAGES.stage(n).needs)]
+            for name in ready[: workers - len(running)]:
+                needs = {d: futures[d] for d in STAGES.stage(name).needs}
+                futures[name] = runner.submit(
+                    stage_task,
+                    parameters={"name": name, "config": config, "parent_run_id": parent,
+                                "upstream": {d: allow_failure(f) for d, f in needs.items()}},
+                    wait_for=[allow_failure(f) for f in needs.values()])  # the edges the UI draws
+                running.append(futures[name].wrapped_future)
+            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+    except BaseException:  # a Ctrl-C reaches this (main) thread only
+        STOP.set()  # the stages in the runner's threads stop at their next step, epoch, shard or evaluator
+        raise
+    return futures
 
 
-@flow(name="vitdistill-probe", log_prints=True)
-def probe_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
-    """Linear, few-shot and kNN probes on the cached features (extracting first if needed)."""
-    return run_stages(config, "probe")
+def _result(name: str, future) -> StageResult:
+    future.wait()  # the final state, from the thread that ran it (the API's copy may lag behind)
+    state = future.state
+    if state.is_completed():
+        return StageResult(**future.result())
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):
+        error = RuntimeError(state.message or f"stage {name} ended {state.type.value}")
+    return StageResult(name, "failed", message=failure_message(error), run_id=getattr(error, "mlflow_run_id", None),
+                       bad_input=_bad_input(error))
 
 
-@flow(name="vitdistill-lit", log_prints=True)
-def lit_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
-    """LiT: a text tower aligned to the locked image features."""
-    return run_stages(config, "lit")
+def _bad_input(error: BaseException) -> bool:
+    from vitdistill.errors import VitdistillError
+
+    return isinstance(error, VitdistillError)
 
 
-@flow(name="vitdistill-distill", log_prints=True)
-def distill_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
-    """Distil the teacher into a small student."""
-    return run_stages(config, "distill")
+def make_flow(target: str):
+    """The flow ``vitdistill-<target>``: ``target`` (a registered stage or ``pipeline``) after what it needs."""
+    if target == PIPELINE:
+        doc = ("The whole pipeline as a graph: " + "; ".join(
+            f"{s.name} <- {', '.join(s.needs)}" if s.needs else s.name for s in STAGES)
+            + ". One MLflow parent run with a child run per stage.")
+    else:
+        doc = STAGES.stage(target).description
+
+    def run(config: VitdistillConfig = VitdistillConfig()) -> dict:
+        return run_graph(config, target)
+
+    run.__name__ = run.__qualname__ = f"{target}_flow"
+    run.__doc__ = doc
+    return flow(run, name=f"vitdistill-{target}", log_prints=True, description=doc)
 
 
-@flow(name="vitdistill-evaluate", log_prints=True)
-def evaluate_flow(config: VitdistillConfig = VitdistillConfig()) -> dict:
-    """Shape bias, robustness, calibration and subgroup evaluations."""
-    return run_stages(config, "evaluate")
+def get_flow(target: str):
+    """The flow of ``target``; a stage registered after this module was imported gets one built now."""
+    if target not in FLOWS:
+        STAGES.stage(target)  # an unknown name fails naming the valid stages
+        FLOWS[target] = make_flow(target)
+    return FLOWS[target]
+
+
+FLOWS = {t: make_flow(t) for t in [PIPELINE, *STAGES.names()]}
+pipeline_flow = FLOWS[PIPELINE]  # the deployments' entrypoints are flows/pipeline.py:<target>_flow
+extract_flow, probe_flow, lit_flow = FLOWS["extract"], FLOWS["probe"], FLOWS["lit"]
+distill_flow, evaluate_flow = FLOWS["distill"], FLOWS["evaluate"]
+
+
+def __getattr__(name: str):
+    """``<stage>_flow`` of any registered stage (the entrypoint a deployment names)."""
+    if name.endswith("_flow") and name[: -len("_flow")] in STAGES:
+        return get_flow(name[: -len("_flow")])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @flow(name="vitdistill-report", log_prints=True)
@@ -65,15 +177,6 @@ def report_flow(config: VitdistillConfig = VitdistillConfig(), run_id: str | Non
 
     return report(config, run_id)
 
-
-FLOWS = {
-    "pipeline": pipeline_flow,
-    "extract": extract_flow,
-    "probe": probe_flow,
-    "lit": lit_flow,
-    "distill": distill_flow,
-    "evaluate": evaluate_flow,
-}
 
 if __name__ == "__main__":
     pipeline_flow()

@@ -1,12 +1,46 @@
-"""What every task module shares: retry policy for I/O, Prefect tags for MLflow, artifact keys."""
+"""What every task module shares: retry policy for I/O, Prefect tags for MLflow, artifact keys, the
+library's log lines under each task run, progress artifacts, and the stop flag of an interrupted run."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import threading
+from typing import Any
 
-from prefect.runtime import deployment, flow_run
+# Library modules log through logging.getLogger(__name__); Prefect forwards the loggers named here to
+# the API, under the task run that logged them. Set before Prefect configures its logging (in this
+# process, and in the flow-run processes a worker starts, which import this module first).
+LIBRARY_LOGGER = "vitdistill"
+_extra = [n for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n.strip()]
+if LIBRARY_LOGGER not in _extra:
+    os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*_extra, LIBRARY_LOGGER])
 
-from vitdistill.errors import VitdistillError
+from prefect.runtime import deployment, flow_run  # noqa: E402
+
+from vitdistill.errors import VitdistillError  # noqa: E402
+from vitdistill.trainer import Callback  # noqa: E402
+
+# Set when the flow is interrupted (Ctrl-C reaches the main thread only): stages running in worker
+# threads check it between steps, epochs, shards and evaluators and stop there.
+STOP = threading.Event()
+
+
+def route_library_logs() -> None:
+    """Send the ``vitdistill`` loggers' INFO lines to the Prefect API (and console) even when Prefect
+    configured its logging before ``PREFECT_LOGGING_EXTRA_LOGGERS`` was set (an imported Prefect)."""
+    lib = logging.getLogger(LIBRARY_LOGGER)
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in lib.handlers:
+            lib.addHandler(handler)
+    if lib.level == logging.NOTSET or lib.level > logging.INFO:
+        lib.setLevel(logging.INFO)
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt("the flow run was interrupted")
 
 
 def retry_on_io_only(task, task_run, state) -> bool:
@@ -34,3 +68,46 @@ def prefect_tags() -> dict[str, str | None]:
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class Progress:
+    """A Prefect progress artifact of ``total`` units (shards, epochs, evaluators), updated as they finish;
+    each update also checks the stop flag (an interrupted flow stops there).
+
+    Artifacts are best effort: a failed API call never fails the stage."""
+
+    def __init__(self, key: str, total: int, description: str) -> None:
+        self.total, self.done, self.description = max(1, total), 0, description
+        self.id: Any = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.id = create_progress_artifact(0.0, key=artifact_key(key), description=description)
+        except Exception as e:  # noqa: BLE001 - never fail a stage for its progress bar
+            logging.getLogger(__name__).debug("no progress artifact %s: %s", key, e)
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        check_stop()
+        self.done = min(self.total, self.done + n)
+        if self.id is None:
+            return
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            desc = f"{self.description}: {self.done}/{self.total}" + (f" ({note})" if note else "")
+            update_progress_artifact(self.id, 100.0 * self.done / self.total, description=desc)
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger(__name__).debug("progress artifact not updated: %s", e)
+
+
+class EpochProgress(Callback):
+    """Trainer callback: one progress unit per epoch, and the stop flag checked after every step."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def on_step(self, trainer, step: int, losses: dict[str, float]) -> None:
+        check_stop()
+
+    def on_epoch(self, trainer, epoch: int, summary: dict[str, float]) -> None:
+        self.progress.advance(note=f"loss {summary.get('loss', float('nan')):.4g}")

@@ -12,10 +12,11 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks._common import artifact_key
+from tasks._common import EpochProgress, Progress, artifact_key
 from vitdistill.config import VitdistillConfig, to_yaml
 from vitdistill.distill.stage import log_report, run_distill
 from vitdistill.errors import VitdistillError
+from vitdistill.logs import EpochLog
 from vitdistill.redact import redact_uri
 from vitdistill.stages import StageResult
 from vitdistill.tracking import get_tracker
@@ -46,9 +47,14 @@ def distill(config: VitdistillConfig, run_id: str) -> dict:
         summary = _torchrun(config, run_id)
         metrics, headline, paths = summary["metrics"], summary["headline"], summary["paths"]
     else:
-        report = run_distill(config, run_id=run_id)
+        progress = Progress("distill-progress", config.distill.epochs, "distillation epochs")
+        report = run_distill(config, run_id=run_id, callbacks=[EpochLog("distill"), EpochProgress(progress)])
         metrics, headline = report.metrics, report.headline
         paths = log_report(get_tracker(config.tracking), run_id, report, config)
     create_table_artifact(table=[{"metric": k, "value": round(v, 4)} for k, v in metrics.items()],
                           key=artifact_key("distill", "metrics"), description=headline)
     return StageResult("distill", "ok", headline, metrics, {k: v for k, v in paths.items() if v}, run_id).to_dict()
+
+
+def run_stage(config: VitdistillConfig, run_id: str, upstream: dict[str, dict]) -> StageResult:
+    return StageResult(**distill(config, run_id))

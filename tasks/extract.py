@@ -1,13 +1,17 @@
-"""Extraction as Prefect tasks: ingest, plan, one task per input shard, finalize, report."""
+"""Extraction as Prefect tasks: ingest, plan, one task per input shard (a subflow on the configured
+task runner), finalize, report; :func:`run_stage` composes them."""
 
 from __future__ import annotations
 
-from prefect import task
+import time
+
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
-from tasks._common import artifact_key, retry_on_io_only
-from vitdistill.config import VitdistillConfig
+from tasks._common import Progress, artifact_key, check_stop, retry_on_io_only
+from vitdistill.config import OrchestrationConfig, VitdistillConfig
 from vitdistill.data.ingest import InputSet, resolve_inputs
 from vitdistill.extract import ExtractionPlan, extract_shard, extraction_report, finalize_cache, plan_extraction
 from vitdistill.stages import StageResult
@@ -30,6 +34,7 @@ def plan(config: VitdistillConfig, inputs: dict) -> dict:
 @task(name="extract-shard", task_run_name="extract-shard-{index}", **_IO)
 def extract_one(plan: dict, index: int) -> dict:
     """Input shard -> feature shard(s), published atomically; skipped when already valid."""
+    check_stop()
     return extract_shard(ExtractionPlan.from_dict(plan), index)
 
 
@@ -55,3 +60,38 @@ def report(config: VitdistillConfig, run_id: str, plan: dict, manifest: dict, wa
     else:
         headline += " (cache reused)"
     return StageResult("extract", "ok", headline, metrics, {"cache_dir": p.cache_dir}, run_id).to_dict()
+
+
+def task_runner(orch: OrchestrationConfig):
+    """The runner of the shard tasks: threads, a local Dask cluster, or the Dask scheduler at ``dask_address``."""
+    if orch.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "threads_per_worker": 1})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=orch.max_workers)
+
+
+@flow(name="extract-shards")
+def map_shards(plan: dict) -> list[dict]:
+    """One task per input shard, on the task runner chosen by ``orchestration``; a progress artifact
+    counts the shards as they finish."""
+    n = len(plan["inputs"])
+    progress = Progress("extract-progress", n, f"feature shards of {plan['cache_dir']}")
+    futures = extract_one.map(unmapped(plan), list(range(n)))
+    for future in as_completed(futures):
+        future.wait()
+        progress.advance()
+    return [f.result() for f in futures]  # in shard order
+
+
+def run_stage(config: VitdistillConfig, run_id: str, upstream: dict[str, dict]) -> StageResult:
+    t0 = time.perf_counter()
+    inputs = ingest(config)
+    p = plan(config, inputs)
+    records = map_shards.with_options(task_runner=task_runner(config.orchestration))(p)
+    manifest = finalize(p, records)
+    return StageResult(**report(config, run_id, p, manifest, time.perf_counter() - t0))

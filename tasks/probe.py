@@ -40,3 +40,9 @@ def log(config: VitdistillConfig, run_id: str, cache_dir: str, report: dict) -> 
     for name, rows in r.tables.items():
         create_table_artifact(table=rows, key=artifact_key("probe", name), description=f"probe: {name}")
     return StageResult("probe", "ok", r.headline, r.metrics, {"cache_dir": cache_dir}, run_id).to_dict()
+
+
+def run_stage(config: VitdistillConfig, run_id: str, upstream: dict[str, dict]) -> StageResult:
+    cache_dir = upstream["extract"]["paths"]["cache_dir"]
+    report = compute(config.probe, cache_dir, cache_content(cache_dir))
+    return StageResult(**log(config, run_id, cache_dir, report))

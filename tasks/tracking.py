@@ -36,6 +36,9 @@ def publish_summary(result: dict) -> None:
     lines = [f"# vitdistill {result['target']}", "", "| stage | status | headline | MLflow run |", "|---|---|---|---|"]
     for s in result["stages"]:
         lines.append(f"| {s['stage']} | {s['status']} | {s['headline'] or s['message']} | {s['run_id'] or '-'} |")
+    if result.get("failed"):
+        skipped = ", ".join(f"{s} (needs {why})" for s, why in result.get("skipped", {}).items())
+        lines += ["", f"**Failed:** {', '.join(result['failed'])}" + (f"; skipped: {skipped}" if skipped else "")]
     if result.get("report"):
         lines += ["", f"Report: `{result['report']['html_path']}` (MLflow artifact `{result['report']['artifact_uri']}`): "
                       f"{result['report']['headline']}"]

@@ -160,3 +160,20 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     assert r2.returncode == 0, r2.stderr[-3000:]
     again = json.loads(out.read_text())["stages"][0]
     assert again["metrics"]["shards_reused"] == again["metrics"]["shards"] and "reused" in again["headline"]
+
+
+@pytest.mark.slow
+def test_a_failed_stage_is_in_the_summary_and_the_exit_code(cli_env, tmp_path):
+    out = tmp_path / "result.json"
+    r = cli(["run", "-c", str(ROOT / "configs/runlocal.yaml"), "--set", "student.name=no_such_student",
+             "--json", str(out)], cli_env, tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]  # bad input
+    result = json.loads(out.read_text())
+    assert {s["stage"]: s["status"] for s in result["stages"]} == {
+        "extract": "ok", "probe": "ok", "lit": "ok", "distill": "failed", "evaluate": "skipped"}
+    assert result["failed"] == ["distill"] and result["skipped"] == {"evaluate": "distill"}
+    assert "vitdistill pipeline" in r.stdout and "skipped" in r.stdout  # the summary table
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith(("error:", "skipped:"))]
+    assert len(lines) == 2 and "no_such_student" in lines[0] and "(stage distill)" in lines[0]
+    assert lines[1] == "skipped: evaluate (it needs distill, which failed)"
+    assert "Traceback" not in r.stdout + r.stderr

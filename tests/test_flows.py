@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from flows.pipeline import extract_flow, pipeline_flow, probe_flow
-from vitdistill.stages import stages_to_run
+from vitdistill.errors import RegistryError
+from vitdistill.stages import StagesFailed, stages_to_run
 
 
 def test_stage_dependencies():
     assert stages_to_run("probe") == ["extract", "probe"]
     assert stages_to_run("pipeline") == ["extract", "probe", "lit", "distill", "evaluate"]
-    with pytest.raises(ValueError, match="valid stages"):
+    with pytest.raises(RegistryError, match="valid stages: extract, probe, lit, distill, evaluate"):
         stages_to_run("nope")
 
 
@@ -42,11 +43,11 @@ def test_extract_flow_on_a_local_dask_cluster(prefect_harness, make_cfg):
 def test_failed_stage_marks_runs_failed(prefect_harness, make_cfg, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from vitdistill.errors import DataError
-
     cfg = make_cfg("data.source=wds", f"data.path={tmp_path}/missing.tar")
-    with pytest.raises(DataError, match="missing.tar"):
+    with pytest.raises(StagesFailed, match="extract failed: .*missing.tar.*; skipped: probe, lit, distill, evaluate") as e:
         pipeline_flow(cfg)
+    assert e.value.result["skipped"] == {s: "extract" for s in ("probe", "lit", "distill", "evaluate")}
+    assert next(s for s in e.value.result["stages"] if s["stage"] == "extract")["bad_input"]
     client = MlflowClient(tracking_uri=cfg.tracking.resolved_uri())
     exp = client.get_experiment_by_name("vitdistill")
     runs = client.search_runs([exp.experiment_id])

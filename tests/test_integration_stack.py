@@ -162,6 +162,25 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
     link = next(a for a in arts if a.key == "mlflow-run")  # Prefect 3.8 stores link artifacts as markdown links
     assert f"({stack['info']['mlflow_url']}/#/experiments/" in str(link.data)
 
+    # the worker's flow-run process: one task run per stage, probe waiting on extract, and the library's
+    # log lines under their task runs (the deployment's env names the library logger)
+    import time
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterTaskRunId
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as pc:
+        task_runs = {t.name: t for t in pc.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sub["flow_run_id"]])))}
+        assert [i.id for i in task_runs["probe"].task_inputs["wait_for"]] == [task_runs["extract"].id]
+        for _ in range(20):
+            logs = pc.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[t.id for t in task_runs.values()])))
+            if any(rec.name == "vitdistill.extract" for rec in logs):
+                break
+            time.sleep(1)
+    finalize = next(t.id for n, t in task_runs.items() if n.startswith("finalize-cache"))
+    assert any(rec.name == "vitdistill.extract" and "feature cache" in rec.message and rec.task_run_id == finalize
+               for rec in logs)
+
     # the UIs, rendered in headless Chromium
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium); UI check not run")

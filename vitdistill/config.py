@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -408,6 +408,10 @@ class TrackingConfig(Section):
 class OrchestrationConfig(Section):
     task_runner: Literal["thread", "dask"] = Field("thread", description="runner for mapped tasks")
     max_workers: int = Field(1, ge=1, description="thread-pool size for mapped tasks")
+    stage_concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="stages of the graph that run at once (probe, LiT and distillation after extraction); "
+        "auto: min(3, cpus // 4) without a GPU, so each stage's torch threads get 4 cores (1 on a laptop), "
+        "min(3, cpus // 2, 2 * gpus) with GPUs")
     dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler; none = local cluster")
     dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster")
     host: str = Field("127.0.0.1", description="`vitdistill up` binds its servers here (loopback unless told otherwise)")

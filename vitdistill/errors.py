@@ -34,3 +34,19 @@ class RegistryError(VitdistillError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def one_line(e: BaseException) -> str | None:
+    """The one line a person reads for a failure they can act on (bad input, a missing file, missing S3
+    credentials); None for anything else, which the caller names by its type."""
+    if isinstance(e, VitdistillError):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if type(e).__name__ == "ValidationError" and hasattr(e, "errors"):  # pydantic, without importing it here
+        first = e.errors()[0]
+        return f"invalid value: {first['loc']}: {first['msg']}"
+    if isinstance(e, FileNotFoundError):
+        return f"{e.filename or e}: file not found"
+    if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return ("no S3 credentials found for the s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE), and AWS_ENDPOINT_URL for a non-AWS server")
+    return None

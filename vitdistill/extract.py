@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -40,6 +41,8 @@ from vitdistill.data.splits import SPLITS
 from vitdistill.errors import CacheError, DataError
 from vitdistill.models.teachers import Teacher, create_teacher
 from vitdistill.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -346,6 +349,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
         "images_per_s": round(count / seconds, 2) if seconds > 0 else None,
     }
     fs.write_json_atomic(plan.record_url(index), record)
+    log.info("extracted %s: %d samples in %.1f s (%d skipped)", shard.rsplit("/", 1)[-1], count, seconds, len(skipped))
     return record
 
 
@@ -362,6 +366,8 @@ def finalize_cache(plan: ExtractionPlan, records: list[dict]) -> dict:
     if num == 0:
         raise CacheError(f"{plan.cache_dir}: no sample could be extracted ({len(skipped)} skipped)")
     fresh = [r for r in records if not r.get("reused")]
+    log.info("feature cache %s: %d samples in %d shards (%d extracted, %d reused, %d skipped samples)",
+             plan.cache_dir, num, len(shards), len(fresh), len(records) - len(fresh), len(skipped))
     return plan.publish_manifest("features", FORMAT_VERSION, {
         "teacher": plan.teacher,
         "preprocessing": plan.preprocessing,

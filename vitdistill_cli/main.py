@@ -102,19 +102,11 @@ def _quiet_prefect_tracebacks() -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    from pydantic import ValidationError
+    from vitdistill.errors import one_line
 
-    from vitdistill.errors import VitdistillError
-
-    if isinstance(e, VitdistillError):
-        return str(e).splitlines()[0] if str(e) else type(e).__name__
-    if isinstance(e, ValidationError):
-        return f"invalid value: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}"
-    if isinstance(e, FileNotFoundError):
-        return f"{e.filename or e}: file not found"
-    if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-        return ("no S3 credentials found for the s3:// paths: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or AWS_PROFILE), and AWS_ENDPOINT_URL for a non-AWS server")
+    known = one_line(e)
+    if known is not None:
+        return known
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first} (re-run with --debug for the traceback)"
 
@@ -188,7 +180,7 @@ def _summary(result: dict) -> None:
     table.add_column("status")
     table.add_column("headline")
     table.add_column("MLflow run", style="dim")
-    colour = {"ok": "green", "not built": "yellow", "disabled": "dim", "failed": "red"}
+    colour = {"ok": "green", "not built": "yellow", "disabled": "dim", "failed": "red", "skipped": "yellow"}
     for s in result["stages"]:
         status = f"[{colour.get(s['status'], 'white')}]{s['status']}[/]"
         table.add_row(s["stage"], status, s["headline"] or s["message"], s["run_id"] or "-")
@@ -329,10 +321,14 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
 def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, json_path: Path | None, debug: bool) -> None:
     def body() -> dict:
         cfg = _before_flows(config, sets, debug)
-        from flows.pipeline import FLOWS
+        from flows.pipeline import get_flow
+        from vitdistill.stages import StagesFailed
 
         t0 = time.perf_counter()
-        result = FLOWS[target](cfg)
+        try:
+            result = get_flow(target)(cfg)
+        except StagesFailed as e:  # some stages failed: the summary still tells what ran, failed, was skipped
+            result = e.result
         TIMINGS["flow"] = time.perf_counter() - t0
         _write_timings()
         _write_json(json_path, result)
@@ -343,8 +339,15 @@ def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, 
     if _INTERRUPTED:  # a stage stopped by the Ctrl-C reports itself failed
         _exit_interrupted()
     failed = [s for s in result["stages"] if s["status"] == "failed"]
+    for s in failed:
+        from vitdistill.redact import redact_uri
+
+        err.print(f"[bold red]error:[/] {redact_uri(s['message'])} (stage {s['stage']})", highlight=False, soft_wrap=True)
+    for s in result["stages"]:
+        if s["status"] == "skipped":
+            err.print(f"skipped: {s['stage']} (it needs {s['skipped_because']}, which failed)", highlight=False)
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(2 if all(s["bad_input"] for s in failed) else 1)
 
 
 @app.command("run")
@@ -361,11 +364,17 @@ def _stage_command(stage: str, help_text: str) -> None:
     app.command(stage)(cmd)
 
 
-_stage_command("extract", "Extract teacher features into the sharded webdataset cache (resumes; reuses a finished cache).")
-_stage_command("probe", "Linear, few-shot and kNN probes on the cached features (extracts first if needed).")
-_stage_command("lit", "LiT: align a text tower to the locked image features; zero-shot and retrieval eval.")
-_stage_command("distill", "Distil the teacher into a small student, online or from cached teacher outputs.")
-_stage_command("evaluate", "Calibration, robustness, subgroup gaps and shape bias for teacher (probe) and student.")
+def add_stage_commands() -> None:
+    """One sub-command per registered stage (each runs the stage after what it needs)."""
+    from vitdistill.stages import STAGES
+
+    have = {c.name for c in app.registered_commands}
+    for s in STAGES:
+        if s.name not in have:
+            _stage_command(s.name, s.description)
+
+
+add_stage_commands()
 
 
 RunIdArg = Annotated[Optional[str], typer.Argument(
@@ -458,7 +467,7 @@ def deploy_cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt
 
 
 @app.command("submit")
-def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline | extract | probe | lit | distill | evaluate | report")],
+def submit_cmd(stage: Annotated[str, typer.Argument(help="pipeline, a stage (`vitdistill list stages`) or report")],
                config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = None, debug: DebugOpt = False,
                wait: Annotated[bool, typer.Option("--wait", help="Wait for the run to finish.")] = False,
                timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 1800) -> None:
@@ -578,10 +587,10 @@ def list_losses_cmd() -> None:
 @list_app.command("stages")
 def list_stages_cmd() -> None:
     """Pipeline stages and what each needs first."""
-    from vitdistill.stages import DEPENDS_ON
+    from vitdistill.stages import STAGES
 
-    for s, deps in DEPENDS_ON.items():
-        out.print(f"{s}  <- {', '.join(deps) or '-'}")
+    for s in STAGES:
+        out.print(f"{s.name}  <- {', '.join(s.needs) or '-'}  [dim]{s.description}[/]", highlight=False)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from vitdistill.config import StudentConfig
 from vitdistill.errors import ConfigError, RegistryError
 from vitdistill.registry import Registry
+from vitdistill.seeding import seeded
 
 # One LayerNorm everywhere (blocks, qk-norm, final norm): no bias, as in ViT-22B.
 BiaslessLayerNorm = partial(nn.LayerNorm, eps=1e-6, bias=False)
@@ -117,28 +118,28 @@ def list_students(pattern: str = "*") -> list[str]:
 
 def create_backbone(cfg: StudentConfig, dist_token: bool = False, seed: int = 0) -> nn.Module:
     """The student's feature extractor: forward (B, 3, S, S) -> pooled (B, D); ``num_features`` = D."""
-    torch.manual_seed(seed)  # initial weights depend on the config only
-    if cfg.name in STUDENTS:
-        return STUDENTS.create(cfg.name, img_size=cfg.img_size, dist_token=dist_token, drop_path=cfg.drop_path)
-    import timm
+    with seeded(seed):  # initial weights depend on the config only
+        if cfg.name in STUDENTS:
+            return STUDENTS.create(cfg.name, img_size=cfg.img_size, dist_token=dist_token, drop_path=cfg.drop_path)
+        import timm
 
-    if not timm.is_model(cfg.name):
-        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
-        hint = f"; close timm names: {', '.join(close)}" if close else ""
-        raise RegistryError(STUDENTS.unknown_message(cfg.name, extra=f", or any timm model name{hint}"))
-    if dist_token:
-        raise ConfigError(f"distill.dist_token needs a ViT student from the registry ({', '.join(list_students())}), "
-                          f"not timm {cfg.name!r}")
-    kw: dict[str, Any] = {"num_classes": 0, "pretrained": cfg.pretrained}
-    if cfg.img_size is not None and "vit" in cfg.name:
-        kw["img_size"] = cfg.img_size
-    if cfg.drop_path:
-        kw["drop_path_rate"] = cfg.drop_path
-    try:
-        return timm.create_model(cfg.name, **kw)
-    except Exception as e:  # hub failures and bad kwargs come in many types
-        raise ConfigError(f"student {cfg.name!r}: timm could not build it ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}); offline, set student.pretrained=false") from None
+        if not timm.is_model(cfg.name):
+            close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+            hint = f"; close timm names: {', '.join(close)}" if close else ""
+            raise RegistryError(STUDENTS.unknown_message(cfg.name, extra=f", or any timm model name{hint}"))
+        if dist_token:
+            raise ConfigError(f"distill.dist_token needs a ViT student from the registry ({', '.join(list_students())}), "
+                              f"not timm {cfg.name!r}")
+        kw: dict[str, Any] = {"num_classes": 0, "pretrained": cfg.pretrained}
+        if cfg.img_size is not None and "vit" in cfg.name:
+            kw["img_size"] = cfg.img_size
+        if cfg.drop_path:
+            kw["drop_path_rate"] = cfg.drop_path
+        try:
+            return timm.create_model(cfg.name, **kw)
+        except Exception as e:  # hub failures and bad kwargs come in many types
+            raise ConfigError(f"student {cfg.name!r}: timm could not build it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]}); offline, set student.pretrained=false") from None
 
 
 def input_spec(backbone: nn.Module, cfg: StudentConfig) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
@@ -235,9 +236,9 @@ def create_student(cfg: StudentConfig, num_classes: int, teacher_dim: int, *, te
     initial weights."""
     backbone = create_backbone(cfg, dist_token=dist_token, seed=seed)
     size, mean, std = input_spec(backbone, cfg)
-    torch.manual_seed(seed + 1)
-    student = Student(backbone, num_classes, teacher_dim, teacher_classes, img_size=size, mean=mean, std=std,
-                      kd_head=kd_head, feature_head=feature_head, dist_token=dist_token)
+    with seeded(seed + 1):
+        student = Student(backbone, num_classes, teacher_dim, teacher_classes, img_size=size, mean=mean, std=std,
+                          kd_head=kd_head, feature_head=feature_head, dist_token=dist_token)
     student.build_args = {"student": cfg.model_dump(mode="json"), "num_classes": num_classes,
                           "teacher_dim": teacher_dim, "teacher_classes": teacher_classes, "kd_head": kd_head,
                           "feature_head": feature_head, "dist_token": dist_token}

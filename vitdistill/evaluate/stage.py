@@ -8,8 +8,9 @@ side by side, through the configured evaluators on the test split.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from vitdistill.evaluate.base import INPUTS, describe_metric, evaluator_class
 from vitdistill.evaluate.shape_bias import cue_conflict_arrays
 from vitdistill.models.teachers import Teacher, create_teacher
 from vitdistill.tracking import cache_lineage
+
+log = logging.getLogger(__name__)
 
 
 class TeacherProbe:
@@ -164,22 +167,28 @@ class StageInputs:
         return {"images": imgs, "labels": shape_labels, "texture_labels": texture_labels}
 
 
-def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module | None = None) -> EvaluateReport:
+def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module | None = None, *,
+                 on_evaluator: Callable[[str], None] | None = None) -> EvaluateReport:
     """Every evaluator in ``evaluate.evaluators``, built from its declared config, on its declared inputs, for
     each model it measures: metrics ``<model>/<evaluator>/<metric>``, figures ``<model>_<evaluator>_<name>.png``,
-    tables ``<model>_<evaluator>_<name>`` and the ``teacher_vs_student`` table."""
+    tables ``<model>_<evaluator>_<name>`` and the ``teacher_vs_student`` table. ``on_evaluator(name)`` is
+    called after each evaluator (run or skipped for want of its inputs)."""
     classes = {name: evaluator_class(name) for name in cfg.evaluate.evaluators}  # unknown names fail before any work
     data = load_test_images(cfg)
     models: dict[str, Any] = {"teacher": TeacherProbe(create_teacher(cfg.teacher), cache_dir, cfg.probe)}
     if student is not None:
         models["student"] = StudentClassifier(student)
     inputs = StageInputs(cfg, data, models)
+    log.info("evaluating %s with %d evaluators: %s", " and ".join(models), len(classes), ", ".join(classes))
     metrics: dict[str, float] = {}
     figures: dict[str, Any] = {}
     tables: dict[str, list[dict]] = {}
     for name, cls in classes.items():
         arguments = inputs.arguments(cls.inputs)
         if arguments is None:
+            log.info("evaluator %s skipped: this run lacks its inputs (%s)", name, ", ".join(cls.inputs))
+            if on_evaluator:
+                on_evaluator(name)
             continue
         for who in (m for m in cls.models if m in models):
             ev = cls.from_config(cfg)
@@ -190,6 +199,9 @@ def run_evaluate(cfg: VitdistillConfig, cache_dir: str, student: torch.nn.Module
                 metrics[f"{who}/{name}/{key}"] = float(value)
             figures.update({f"{who}_{name}_{k}.png": fig for k, fig in ev.figures().items()})
             tables.update({f"{who}_{name}_{k}": rows for k, rows in ev.tables().items()})
+        log.info("evaluator %s done", name)
+        if on_evaluator:
+            on_evaluator(name)
     keys = sorted({k.split("/", 1)[1] for k in metrics})
     table = [{"metric": k, **{who: round(metrics.get(f"{who}/{k}", float("nan")), 4) for who in models}} for k in keys]
     return EvaluateReport(metrics, figures, {"teacher_vs_student": table, **tables}, summary_line(metrics, models))

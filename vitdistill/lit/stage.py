@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from vitdistill.config import LitConfig, TrackingConfig
@@ -30,6 +29,7 @@ from vitdistill.lit.train import TextFeatures, embed_images, embed_text_ids, tra
 from vitdistill.live import live_callbacks
 from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall
 from vitdistill.probes.plots import confusion_figure, per_class_table
+from vitdistill.seeding import seeded
 from vitdistill.tracking import cache_lineage
 
 RETRIEVAL_KS = (1, 5, 10)
@@ -49,16 +49,16 @@ class LitReport:
 
 def build_lit_model(cfg: LitConfig, data: LitData) -> tuple[LitModel, nn.Module]:
     """The text tower (scratch vocab from train captions and prompts), heads and loss, seeded."""
-    torch.manual_seed(cfg.seed)
-    train_texts = {data.texts[i] for i in np.unique(data.train.options)}
-    prompts = {data.texts[i] for i in np.unique(data.prompt_ids)} if data.prompt_ids is not None else set()
-    corpus = sorted(train_texts | prompts)
-    tower = create_text_tower(cfg.text_tower, corpus=corpus, max_length=cfg.max_text_length,
-                              width=cfg.scratch_width, layers=cfg.scratch_layers, heads=cfg.scratch_heads,
-                              checkpoint=cfg.text_checkpoint)
-    model = LitModel(tower, image_dim=data.train.emb.shape[1], embed_dim=cfg.embed_dim,
-                     text_head=cfg.text_head, image_head=cfg.image_head)
-    loss_fn = create_lit_loss(cfg.loss, init_temperature=cfg.init_temperature, init_bias=cfg.init_bias)
+    with seeded(cfg.seed):  # one seeded construction at a time (stages may run in threads at once)
+        train_texts = {data.texts[i] for i in np.unique(data.train.options)}
+        prompts = {data.texts[i] for i in np.unique(data.prompt_ids)} if data.prompt_ids is not None else set()
+        corpus = sorted(train_texts | prompts)
+        tower = create_text_tower(cfg.text_tower, corpus=corpus, max_length=cfg.max_text_length,
+                                  width=cfg.scratch_width, layers=cfg.scratch_layers, heads=cfg.scratch_heads,
+                                  checkpoint=cfg.text_checkpoint)
+        model = LitModel(tower, image_dim=data.train.emb.shape[1], embed_dim=cfg.embed_dim,
+                         text_head=cfg.text_head, image_head=cfg.image_head)
+        loss_fn = create_lit_loss(cfg.loss, init_temperature=cfg.init_temperature, init_bias=cfg.init_bias)
     return model, loss_fn
 
 

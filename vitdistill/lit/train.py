@@ -21,6 +21,7 @@ before training, so an epoch costs only the heads.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from typing import Callable, Iterator, Sequence
@@ -32,7 +33,10 @@ from torch import nn
 from vitdistill.config import LitConfig
 from vitdistill.lit.data import LitData, LitSplit
 from vitdistill.lit.model import LitModel
+from vitdistill.logs import EpochLog
 from vitdistill.trainer import Batch, Callback, Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 256  # texts per tower forward pass outside training
 
@@ -182,9 +186,11 @@ def train_lit(model: LitModel, loss_fn: nn.Module, data: LitData, cfg: LitConfig
     ``callbacks`` run after the validation callback, so their ``on_epoch`` sees the whole history row."""
     feats = feats or TextFeatures(model, data.texts, frozen_text)
     objective = LitObjective(model, loss_fn, feats, torch.from_numpy(data.text_groups), frozen_text)
-    callbacks = [LitValidation(objective, data, cfg.batch_size), *([OnEpoch(on_epoch)] if on_epoch else []),
-                 *callbacks]
+    callbacks = [LitValidation(objective, data, cfg.batch_size), EpochLog("lit"),
+                 *([OnEpoch(on_epoch)] if on_epoch else []), *callbacks]
     batches = LitBatches(data.train, cfg.batch_size, cfg.seed)
+    log.info("LiT: %d epochs of %d batches, %s text tower", cfg.epochs, len(batches),
+             "frozen" if frozen_text else "trained")
     trainer = Trainer(objective, None, batches, trainer_config(cfg, progress), callbacks,
                       parts=lit_parts(objective, cfg))
     return trainer.fit().history

@@ -28,6 +28,7 @@ from torch import nn
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError
 from vitdistill.models.teachers import TEACHER_SOURCES, Teacher, error_line, pool_block, state_dict_sha256
+from vitdistill.seeding import seeded
 
 # model_type of the checkpoint's config -> the transformers class holding its image tower
 VISION_TOWERS = {
@@ -134,15 +135,15 @@ def hf_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
         hint = "check the directory" if local else f"offline, {offline}"
         raise ConfigError(f"{where}: model config or image processor could not be loaded ({error_line(e)}); {hint}") from None
     cls = getattr(transformers, VISION_TOWERS.get(config.model_type, "AutoModel"))
-    torch.manual_seed(0)
-    try:
-        if cfg.pretrained or local:
-            model = cls.from_pretrained(src, local_files_only=local)
-        else:  # random init of the same architecture (a baseline)
-            vision = getattr(config, "vision_config", config) if config.model_type in VISION_TOWERS else config
-            model = cls.from_config(vision) if cls is transformers.AutoModel else cls(vision)
-    except Exception as e:
-        raise ConfigError(f"teacher {cfg.name!r}: weights could not be loaded ({error_line(e)}); offline, {offline}") from None
+    with seeded(0):
+        try:
+            if cfg.pretrained or local:
+                model = cls.from_pretrained(src, local_files_only=local)
+            else:  # random init of the same architecture (a baseline)
+                vision = getattr(config, "vision_config", config) if config.model_type in VISION_TOWERS else config
+                model = cls.from_config(vision) if cls is transformers.AutoModel else cls(vision)
+        except Exception as e:
+            raise ConfigError(f"teacher {cfg.name!r}: weights could not be loaded ({error_line(e)}); offline, {offline}") from None
     vcfg = getattr(model.config, "vision_config", model.config)
     no_cls = config.model_type.startswith("siglip")
     return HFTeacher(

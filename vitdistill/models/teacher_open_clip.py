@@ -25,6 +25,7 @@ from torch import nn
 
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError, RegistryError
+from vitdistill.seeding import seeded
 from vitdistill.models.teachers import (TEACHER_SOURCES, Teacher, error_line, load_state_dict_file, pool_block,
                                         state_dict_sha256)
 
@@ -52,19 +53,19 @@ def load_open_clip(spec: str, checkpoint: str | None, pretrained: bool, key: str
         raise RegistryError(f"unknown open_clip model {model_name!r}" + (f" (close: {', '.join(close)})" if close else "")
                             + f"; write open_clip:MODEL/PRETRAINED with MODEL from open_clip.list_models() "
                             f"({len(open_clip.list_models())} known)")
-    torch.manual_seed(0)  # random init is reproducible
-    hub = pretrained and checkpoint is None
-    try:
-        if model_name.startswith(("hf-hub:", "local-dir:")):
-            model = open_clip.create_model(model_name, load_weights=hub)
-        else:
-            model = open_clip.create_model(model_name, pretrained=tag if hub else None)
-    except Exception as e:  # download failures come in many types
-        raise ConfigError(
-            f"open_clip {spec!r}: could not be loaded ({error_line(e)}); "
-            f"offline, set {key} to a local checkpoint file of {model_name} (open_clip_model.safetensors from its "
-            f"hub repo, or a torch.save'd state dict) or use open_clip:local-dir:DIR"
-        ) from None
+    with seeded(0):  # random init is reproducible
+        hub = pretrained and checkpoint is None
+        try:
+            if model_name.startswith(("hf-hub:", "local-dir:")):
+                model = open_clip.create_model(model_name, load_weights=hub)
+            else:
+                model = open_clip.create_model(model_name, pretrained=tag if hub else None)
+        except Exception as e:  # download failures come in many types
+            raise ConfigError(
+                f"open_clip {spec!r}: could not be loaded ({error_line(e)}); "
+                f"offline, set {key} to a local checkpoint file of {model_name} (open_clip_model.safetensors from its "
+                f"hub repo, or a torch.save'd state dict) or use open_clip:local-dir:DIR"
+            ) from None
     if checkpoint:
         sd = load_state_dict_file(checkpoint).copy()
         try:

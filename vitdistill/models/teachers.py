@@ -34,6 +34,7 @@ from torch import nn
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError, RegistryError
 from vitdistill.perf import keep_freed_memory
+from vitdistill.seeding import seeded
 from vitdistill.registry import Registry
 
 
@@ -332,11 +333,11 @@ def timm_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
         raise RegistryError(TEACHERS.unknown_message(
             model_id, extra=f", SOURCE:MODEL names ({sources}), or any timm model name ({len(timm.list_models())} known){hint}"))
     use_hub = cfg.pretrained and cfg.checkpoint is None
-    torch.manual_seed(0)  # random-init teachers are reproducible, so their caches are too
-    try:
-        model = timm.create_model(model_id, pretrained=use_hub)
-    except Exception as e:  # hub/network failures come in many types
-        raise _hub_error(cfg, e, "set teacher.checkpoint=PATH (a .safetensors/.pth file) or teacher.pretrained=false") from None
+    with seeded(0):  # random-init teachers are reproducible, so their caches are too
+        try:
+            model = timm.create_model(model_id, pretrained=use_hub)
+        except Exception as e:  # hub/network failures come in many types
+            raise _hub_error(cfg, e, "set teacher.checkpoint=PATH (a .safetensors/.pth file) or teacher.pretrained=false") from None
     return _timm_from_model(cfg, model, model_id)
 
 
@@ -349,20 +350,20 @@ def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
     file when the repo's config is in the local hub cache."""
     import timm
 
-    torch.manual_seed(0)
-    if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
+    with seeded(0):
+        if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
+            try:
+                model = timm.create_model(f"local-dir:{cfg.checkpoint}", pretrained=cfg.pretrained)
+            except Exception as e:  # missing config.json, weights that do not fit
+                raise ConfigError(f"teacher.checkpoint {cfg.checkpoint!r}: not a timm model directory (config.json + "
+                                  f"model.safetensors): {error_line(e)}") from None
+            return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id), weights_loaded=True)
         try:
-            model = timm.create_model(f"local-dir:{cfg.checkpoint}", pretrained=cfg.pretrained)
-        except Exception as e:  # missing config.json, weights that do not fit
-            raise ConfigError(f"teacher.checkpoint {cfg.checkpoint!r}: not a timm model directory (config.json + "
-                              f"model.safetensors): {error_line(e)}") from None
-        return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id), weights_loaded=True)
-    try:
-        model = timm.create_model(f"hf-hub:{model_id}", pretrained=cfg.pretrained and cfg.checkpoint is None)
-    except Exception as e:
-        raise _hub_error(cfg, e, "set teacher.checkpoint to a local directory with the repo's config.json and "
-                                 "model.safetensors (or a weights file once the config is cached)") from None
-    return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id))
+            model = timm.create_model(f"hf-hub:{model_id}", pretrained=cfg.pretrained and cfg.checkpoint is None)
+        except Exception as e:
+            raise _hub_error(cfg, e, "set teacher.checkpoint to a local directory with the repo's config.json and "
+                                     "model.safetensors (or a weights file once the config is cached)") from None
+        return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id))
 
 
 def _timm_from_model(cfg: TeacherConfig, model: nn.Module, architecture: str, weights_loaded: bool = False) -> Teacher:
@@ -415,8 +416,8 @@ def _packaged_effnet(cfg: TeacherConfig, variant: int, weights_path: Callable[[]
     import timm
 
     architecture = f"tf_efficientnet_lite{variant}"
-    torch.manual_seed(0)
-    model = timm.create_model(architecture, pretrained=False)
+    with seeded(0):
+        model = timm.create_model(architecture, pretrained=False)
     if cfg.checkpoint:
         sd = load_state_dict_file(cfg.checkpoint)
         digest = file_sha256(cfg.checkpoint)

@@ -15,6 +15,7 @@ chooses; a tie goes to the deeper block), plus the table ``layers``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from vitdistill.probes.knn import knn_probe
 from vitdistill.probes.linear import linear_probe
 from vitdistill.probes.teacher import fit_teacher_probe, labelled_split
 from vitdistill.probes.plots import confusion_figure, per_class_table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,6 +108,8 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)
     classes = fc.classes or [str(c) for c in range(int(max(ytr.max(), yva.max())) + 1)]
+    log.info("probing %s: %d classes, %d train / %d val / %d test samples", cache_dir, len(classes), len(ytr),
+             len(yva), len(yte))
 
     lin = fit_teacher_probe(fc, cfg, splits)
     few = fewshot_probe(xtr, ytr, xva, yva, xte, yte, shots=tuple(cfg.fewshot_shots), seeds=tuple(cfg.fewshot_seeds),
@@ -126,6 +131,7 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
     shots_part = (f"{few.most_shots}-shot {few.mean_top1[few.most_shots]:.3f}" if few.most_shots is not None
                   else "few-shot skipped (a class has too few train samples)")
     headline = f"linear top-1 {lin.top1:.3f}, {shots_part}, kNN@{first_k} {knn.top1[first_k]:.3f}"
+    log.info("probes done: %s", headline)
     if "layers" in fc.manifest["teacher"]:
         if any(loaded[s]["layers"] is None for s in loaded):
             raise CacheError(f"{cache_dir}: the manifest lists teacher layers but some samples have no layers.npy")

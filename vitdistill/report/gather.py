@@ -11,6 +11,7 @@ on a tracking server (artifacts proxied or on S3).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import tempfile
@@ -27,8 +28,6 @@ STAGE_TAG = "vitdistill.stage"
 TEACHER_TAG = "vitdistill.teacher"  # on each stage run of a run with several teachers (teacher.name a list)
 PARENT_TAG = "mlflow.parentRunId"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-# Stages whose metrics are per-epoch curves worth redrawing.
-CURVE_STAGES = ("lit", "distill")
 # Artifacts read back: figures and small JSON tables, never models or large files.
 MAX_ARTIFACT_BYTES = 4 << 20
 _PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -117,20 +116,23 @@ def gather_run(tracker: Tracker, run_id: str | None = None, figures: bool = True
     primary = finished[0] if finished else next(iter(groups), None)
     by_stage = groups.get(primary, {})
     stages = {}
-    for name in STAGES:
+    for spec in STAGES:
+        name = spec.name
         child = by_stage.get(name)
         if child is None:
             continue
         stage = _stage_run(name, child)
-        if name in CURVE_STAGES:
-            stage.curves = _curves(tracker, stage.run_id, stage.metrics)
+        if spec.curves:  # the metrics the stage logs per epoch
+            stage.curves = _curves(tracker, stage.run_id, [k for k in stage.metrics
+                                                           if any(fnmatch.fnmatch(k, p) for p in spec.curves)])
         stage.tables, stage.figures = _artifacts(tracker, stage.run_id, figures)
         stages[name] = stage
     teachers = {}
     if len([t for t in groups if t is not None]) > 1:
         for t, group in groups.items():
             if t is not None:
-                teachers[t] = stages if t == primary else {n: _stage_run(n, group[n]) for n in STAGES if n in group}
+                teachers[t] = stages if t == primary else {n: _stage_run(n, group[n]) for n in STAGES.names()
+                                                            if n in group}
     evaluate = stages.get("evaluate")
     if evaluate is None or evaluate.status != "FINISHED":
         what = "has no evaluate stage" if evaluate is None else f"has an evaluate stage that ended {evaluate.status}"
@@ -163,7 +165,7 @@ def _get_run(tracker: Tracker, run_id: str):
                           "argument takes the latest finished run") from None
 
 
-def _curves(tracker: Tracker, run_id: str, metrics: dict[str, float]) -> dict[str, list[tuple[int, float]]]:
+def _curves(tracker: Tracker, run_id: str, metrics: list[str]) -> dict[str, list[tuple[int, float]]]:
     out = {}
     for key in sorted(metrics):
         if key.startswith(("step/", "system/")):  # per-step and machine curves stay in the MLflow UI

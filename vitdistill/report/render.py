@@ -22,15 +22,8 @@ from vitdistill.report.compare import Row, tally
 from vitdistill.report.gather import PipelineRun
 from vitdistill.report.teachers import COLUMNS as TEACHER_COLUMNS
 from vitdistill.report.teachers import teacher_rows
+from vitdistill.stages import STAGES  # each stage's headline_keys: the numbers of its row in the overview
 
-# The numbers that summarise each stage in the overview table, when the stage logged them.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "extract": ("samples", "shards", "images_per_s", "skipped_samples"),
-    "probe": ("linear_top1", "linear_mean_per_class_recall", "fewshot_10shot_top1", "knn10_top1"),
-    "lit": ("zeroshot_top1", "chance_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"),
-    "distill": ("student_top1", "teacher_top1", "agreement", "student_params", "teacher_params"),
-    "evaluate": (),
-}
 
 
 def fmt(v: Any, spec: str | None = None) -> str:
@@ -98,7 +91,7 @@ def _environment() -> jinja2.Environment:
 def _stage_overview(run: PipelineRun) -> list[dict[str, str]]:
     out = []
     for name, s in run.stages.items():
-        keys = [k for k in STAGE_KEYS.get(name, ()) if k in s.metrics]
+        keys = [k for k in (STAGES.stage(name).headline_keys if name in STAGES else ()) if k in s.metrics]
         summary = ", ".join(f"{k} {fmt(s.metrics[k])}" for k in keys) or f"{len(s.metrics)} metrics"
         out.append({"name": name, "status": s.status, "time": f"{s.seconds:.1f} s" if s.seconds else "-",
                     "summary": summary, "run_id": s.run_id})
