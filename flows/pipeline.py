@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from dataclasses import dataclass
 
 from prefect import allow_failure, flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -33,7 +34,7 @@ from tasks.stage import stage as stage_task
 from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import VitdistillConfig
 from vitdistill.stages import (PIPELINE, STAGES, StageResult, StagesFailed, failure_message, stage_concurrency,
-                               stages_to_run, threads_per_stage)
+                               stage_label, stages_to_run, threads_per_stage)
 from vitdistill.tracking import get_tracker
 
 log = logging.getLogger("vitdistill.flows")
@@ -47,23 +48,24 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     route_library_logs()
     STOP.clear()
     names = stages_to_run(target)
+    nodes = _nodes(config, names)
     workers = stage_concurrency(config.orchestration.stage_concurrency, names)
     tracker = get_tracker(config.tracking)
     threads = torch.get_num_threads()
     if workers > 1:  # concurrent stages share the cores instead of each taking all of them
         torch.set_num_threads(min(threads, threads_per_stage(workers)))
-    log.info("running %s with up to %d stage(s) at once, %d torch thread(s) each", ", ".join(names), workers,
+    log.info("running %s with up to %d stage(s) at once, %d torch thread(s) each", ", ".join(nodes), workers,
              torch.get_num_threads())
     parent = open_run(config, f"vitdistill-{target}", None)
     try:
         with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            futures = _run_stages(runner, workers, config, names, parent)
+            futures = _run_stages(runner, workers, nodes, parent)
     except BaseException:
         close_run(config, parent, "FAILED")
         raise
     finally:
         torch.set_num_threads(threads)
-    results = [_result(name, futures[name]) for name in names]
+    results = [_result(node, futures[key]) for key, node in nodes.items()]
     failed = [r for r in results if r.status == "failed"]
     close_run(config, parent, "FAILED" if failed else "FINISHED")
     report = None
@@ -80,8 +82,9 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
         "mlflow_ui": tracker.ui_command(),
         "stage_concurrency": workers,
         "stages": [r.to_dict() for r in results],
-        "failed": [r.stage for r in failed],
-        "skipped": {r.stage: r.skipped_because for r in results if r.status == "skipped"},
+        "teachers": config.teacher.names,
+        "failed": [r.label for r in failed],
+        "skipped": {r.label: stage_label(r.skipped_because, r.teacher) for r in results if r.status == "skipped"},
         "report": report,
     }
     publish_summary(result)
@@ -90,23 +93,57 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     return result
 
 
-def _run_stages(runner: ThreadPoolTaskRunner, workers: int, config: VitdistillConfig, names: list[str],
-                parent: str) -> dict:
+@dataclass(frozen=True)
+class _Node:
+    """One stage task of the graph: a stage for one teacher (``teacher`` None: the run has one)."""
+
+    stage: str
+    teacher: str | None
+    config: VitdistillConfig
+    needs: tuple[str, ...]  # node keys whose results it takes (a failure there skips it)
+    after: tuple[str, ...] = ()  # node keys it only waits for (drawn as edges too, never skip it)
+
+
+def _nodes(config: VitdistillConfig, names: list[str]) -> dict[str, _Node]:
+    """The graph's nodes by key (``probe``, or ``probe[teacher]`` with several teachers), in run order.
+
+    With several teachers (``teacher.name`` a list) every stage runs once per teacher on that teacher's
+    config. Their extractions run one after another: the first ingests the images, the others reuse
+    those shards (and the cores or the GPU are not split between teachers' forward passes)."""
+    teachers = config.teacher.names
+    if len(teachers) == 1:
+        return {n: _Node(n, None, config, tuple(STAGES.stage(n).needs)) for n in names}
+    nodes: dict[str, _Node] = {}
+    for i, teacher in enumerate(teachers):
+        cfg = config.for_teacher(teacher)
+        for n in names:
+            after = (stage_label(n, teachers[i - 1]),) if n == "extract" and i else ()
+            nodes[stage_label(n, teacher)] = _Node(n, teacher, cfg, tuple(stage_label(d, teacher)
+                                                                          for d in STAGES.stage(n).needs), after)
+    return nodes
+
+
+def _run_stages(runner: ThreadPoolTaskRunner, workers: int, nodes: dict[str, _Node], parent: str) -> dict:
     """Submit each stage once the stages it needs have ended, at most ``workers`` at a time; wait for all."""
     futures: dict = {}
+
+    def ended(key: str) -> bool:
+        return key in futures and futures[key].wrapped_future.done()
+
     try:
-        while len(futures) < len(names) or any(not f.wrapped_future.done() for f in futures.values()):
+        while len(futures) < len(nodes) or any(not f.wrapped_future.done() for f in futures.values()):
             running = [f.wrapped_future for f in futures.values() if not f.wrapped_future.done()]
-            ready = [n for n in names if n not in futures
-                     and all(d in futures and futures[d].wrapped_future.done() for d in STAGES.stage(n).needs)]
-            for name in ready[: workers - len(running)]:
-                needs = {d: futures[d] for d in STAGES.stage(name).needs}
-                futures[name] = runner.submit(
+            ready = [k for k, node in nodes.items() if k not in futures and all(map(ended, node.needs + node.after))]
+            for key in ready[: workers - len(running)]:
+                node = nodes[key]
+                futures[key] = runner.submit(
                     stage_task,
-                    parameters={"name": name, "config": config, "parent_run_id": parent,
-                                "upstream": {d: allow_failure(f) for d, f in needs.items()}},
-                    wait_for=[allow_failure(f) for f in needs.values()])  # the edges the UI draws
-                running.append(futures[name].wrapped_future)
+                    parameters={"name": node.stage, "config": node.config, "parent_run_id": parent,
+                                "upstream": {STAGES.stage(node.stage).needs[i]: allow_failure(futures[k])
+                                             for i, k in enumerate(node.needs)},
+                                "teacher": node.teacher},
+                    wait_for=[allow_failure(futures[k]) for k in node.needs + node.after])  # the edges the UI draws
+                running.append(futures[key].wrapped_future)
             concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
     except BaseException:  # a Ctrl-C reaches this (main) thread only
         STOP.set()  # the stages in the runner's threads stop at their next step, epoch, shard or evaluator
@@ -114,16 +151,16 @@ def _run_stages(runner: ThreadPoolTaskRunner, workers: int, config: VitdistillCo
     return futures
 
 
-def _result(name: str, future) -> StageResult:
+def _result(node: _Node, future) -> StageResult:
     future.wait()  # the final state, from the thread that ran it (the API's copy may lag behind)
     state = future.state
     if state.is_completed():
         return StageResult(**future.result())
     error = state.result(raise_on_failure=False)
     if not isinstance(error, BaseException):
-        error = RuntimeError(state.message or f"stage {name} ended {state.type.value}")
-    return StageResult(name, "failed", message=failure_message(error), run_id=getattr(error, "mlflow_run_id", None),
-                       bad_input=_bad_input(error))
+        error = RuntimeError(state.message or f"stage {stage_label(node.stage, node.teacher)} ended {state.type.value}")
+    return StageResult(node.stage, "failed", message=failure_message(error), run_id=getattr(error, "mlflow_run_id", None),
+                       bad_input=_bad_input(error), teacher=node.teacher)
 
 
 def _bad_input(error: BaseException) -> bool:

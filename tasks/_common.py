@@ -16,6 +16,8 @@ LIBRARY_LOGGER = "vitdistill"
 _extra = [n for n in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").split(",") if n.strip()]
 if LIBRARY_LOGGER not in _extra:
     os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = ",".join([*_extra, LIBRARY_LOGGER])
+# the library also runs outside flows (a notebook, a test): its lines then just stay off the API
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 from prefect.runtime import deployment, flow_run  # noqa: E402
 

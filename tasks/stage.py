@@ -17,7 +17,7 @@ from prefect.states import Completed
 from tasks._common import route_library_logs
 from tasks.tracking import close_run, open_run
 from vitdistill.config import VitdistillConfig
-from vitdistill.stages import STAGES, StageResult
+from vitdistill.stages import STAGES, StageResult, stage_label
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,30 @@ def _skip_cause(name: str, upstream: dict[str, object]) -> str | None:
     return None
 
 
-@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
-def stage(name: str, config: VitdistillConfig, parent_run_id: str, upstream: dict[str, object]):
-    """Run stage ``name`` (:data:`vitdistill.stages.STAGES`); ``upstream``: the results of the stages it needs."""
+def _task_run_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return stage_label(p["name"], p.get("teacher"))
+
+
+@task(name="stage", task_run_name=_task_run_name, cache_policy=NO_CACHE)
+def stage(name: str, config: VitdistillConfig, parent_run_id: str, upstream: dict[str, object],
+          teacher: str | None = None):
+    """Run stage ``name`` (:data:`vitdistill.stages.STAGES`); ``upstream``: the results of the stages it needs;
+    ``teacher``: whose stage this is in a run with several teachers (``config`` is that teacher's)."""
     route_library_logs()
     spec = STAGES.stage(name)
     cause = _skip_cause(name, upstream)
     if cause is not None:
-        log.info("%s skipped: it needs %s, which failed", name, cause)
-        result = StageResult(name, "skipped", message=f"skipped: needs {cause}, which failed", skipped_because=cause)
+        log.info("%s skipped: it needs %s, which failed", stage_label(name, teacher), stage_label(cause, teacher))
+        result = StageResult(name, "skipped", message=f"skipped: needs {stage_label(cause, teacher)}, which failed",
+                             skipped_because=cause, teacher=teacher)
         return Completed(name="Skipped", message=result.message, data=result.to_dict())  # its own name in the UI
     if not spec.enabled(config):
-        return StageResult(name, "disabled", message=f"{spec.enabled_key} is false").to_dict()
+        return StageResult(name, "disabled", message=f"{spec.enabled_key} is false", teacher=teacher).to_dict()
     results = {k: v for k, v in upstream.items() if isinstance(v, dict)}
-    run_id = open_run(config, name, parent_run_id)
+    run_id = open_run(config, name, parent_run_id, teacher=teacher)
     try:
         result = spec(config, run_id, results)
     except BaseException as e:
@@ -54,4 +64,5 @@ def stage(name: str, config: VitdistillConfig, parent_run_id: str, upstream: dic
         e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # the run summary names the failed stage's run
         raise
     close_run(config, run_id, "FINISHED")
+    result.teacher = teacher
     return result.to_dict()

@@ -7,16 +7,20 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks._common import prefect_tags, retry_on_io_only
 from vitdistill.config import VitdistillConfig
+from vitdistill.stages import stage_label
 from vitdistill.tracking import get_tracker
 
 
 @task(name="open-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=retry_on_io_only)
-def open_run(config: VitdistillConfig, name: str, parent_run_id: str | None = None) -> str:
-    """A parent run logs the whole resolved config; a child run is tagged with its stage."""
+def open_run(config: VitdistillConfig, name: str, parent_run_id: str | None = None, teacher: str | None = None) -> str:
+    """A parent run logs the whole resolved config; a child run is tagged with its stage (and, in a run
+    with several teachers, with its teacher: ``vitdistill.teacher``, named ``stage[teacher]``)."""
     tracker = get_tracker(config.tracking)
     tags = {**prefect_tags(), "vitdistill.stage": name}
-    run_id = tracker.start_run(name, parent_run_id=parent_run_id, tags=tags)
+    if teacher:
+        tags["vitdistill.teacher"] = teacher
+    run_id = tracker.start_run(stage_label(name, teacher), parent_run_id=parent_run_id, tags=tags)
     if parent_run_id is None:
         tracker.log_config(run_id, config)
     return run_id
@@ -35,7 +39,7 @@ def publish_summary(result: dict) -> None:
 
     lines = [f"# vitdistill {result['target']}", "", "| stage | status | headline | MLflow run |", "|---|---|---|---|"]
     for s in result["stages"]:
-        lines.append(f"| {s['stage']} | {s['status']} | {s['headline'] or s['message']} | {s['run_id'] or '-'} |")
+        lines.append(f"| {stage_label(s['stage'], s.get('teacher'))} | {s['status']} | {s['headline'] or s['message']} | {s['run_id'] or '-'} |")
     if result.get("failed"):
         skipped = ", ".join(f"{s} (needs {why})" for s, why in result.get("skipped", {}).items())
         lines += ["", f"**Failed:** {', '.join(result['failed'])}" + (f"; skipped: {skipped}" if skipped else "")]

@@ -21,7 +21,8 @@ def make_cfg(tmp_path):
     """``make_cfg("data.limit=50", ...)``: a config in tmp_path with a tiny random teacher."""
 
     def make(*sets: str, fast_teacher: bool = True):
-        base = [f"cache.root={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+        base = [f"cache.root={tmp_path}/cache", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"report.out_dir={tmp_path}/reports"]
         return load_config(None, base + (FAST_TEACHER if fast_teacher else []) + list(sets))
 
     return make

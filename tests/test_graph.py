@@ -216,3 +216,57 @@ def test_epoch_log_lines_every_epoch_of_short_runs_and_about_ten_of_long_ones():
     assert len(short) == 5 and short[0] == "lit: epoch 1/5 loss 1 (0.50 s)"
     long = lines(33)
     assert len(long) == 9 and long[0].startswith("lit: epoch 4/33") and long[-1].startswith("lit: epoch 33/33")
+
+
+@pytest.mark.slow
+def test_several_teachers_run_every_stage_each_and_one_report_compares_them(prefect_harness, make_cfg):
+    """`teacher.name: [test_vit, test_vit2]`: one stage task per stage and teacher, the second extraction
+    after the first (which ingests the images once), MLflow stage runs tagged with their teacher, and one
+    report with a section comparing the teachers."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline_flow
+
+    cfg = make_cfg(*TINY, "teacher.name=[test_vit, test_vit2]")
+    state = pipeline_flow(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    teachers = ["test_vit", "test_vit2"]
+    assert result["teachers"] == teachers
+    assert {(s["stage"], s["teacher"]): s["status"] for s in result["stages"]} == {
+        (n, t): "ok" for t in teachers for n in STAGES.names()}
+    caches = {s["teacher"]: s["paths"]["cache_dir"] for s in result["stages"] if s["stage"] == "extract"}
+    assert len(set(caches.values())) == 2  # one feature cache per teacher
+
+    runs = {}
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the API learns the final states from events
+        runs = {r.name: r for r in _task_runs(state.state_details.flow_run_id) if r.name.split("[")[0] in STAGES}
+        if len(runs) == 10 and all(r.state.is_final() and r.end_time for r in runs.values()):
+            break
+        time.sleep(1)
+    assert set(runs) == {f"{n}[{t}]" for t in teachers for n in STAGES.names()}
+    by_id = {r.id: r for r in runs.values()}
+    assert _upstream_names(runs["probe[test_vit2]"], by_id) == {"extract[test_vit2]"}
+    assert _upstream_names(runs["extract[test_vit2]"], by_id) == {"extract[test_vit]"}  # ingestion once
+    assert runs["extract[test_vit2]"].start_time >= runs["extract[test_vit]"].end_time
+    assert _upstream_names(runs["evaluate[test_vit]"], by_id) == {"extract[test_vit]", "probe[test_vit]",
+                                                                  "distill[test_vit]"}
+
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    children = client.search_runs([result["mlflow_experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{result['mlflow_run_id']}'")
+    assert {(r.data.tags["vitdistill.stage"], r.data.tags["vitdistill.teacher"]) for r in children} == {
+        (n, t) for t in teachers for n in STAGES.names()}
+    assert {r.info.run_name for r in children} >= {"probe[test_vit]", "distill[test_vit2]"}
+
+    report = result["report"]
+    assert [r["teacher"] for r in report["teachers"]] == teachers
+    for row, t in zip(report["teachers"], teachers):
+        probe = next(s for s in result["stages"] if s["stage"] == "probe" and s["teacher"] == t)
+        distill = next(s for s in result["stages"] if s["stage"] == "distill" and s["teacher"] == t)
+        assert row["probe linear top-1"] == pytest.approx(probe["metrics"]["linear_top1"])
+        assert row["student top-1"] == pytest.approx(distill["metrics"]["student_top1"])
+        assert row["GFLOPs / image"] > 0 and row["status"] == "ok"
+    page = open(report["html_path"], encoding="utf-8").read()
+    assert "<h2>Teachers compared</h2>" in page and ">test_vit2<" in page

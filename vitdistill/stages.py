@@ -41,9 +41,19 @@ class StageResult:
     message: str = ""
     skipped_because: str | None = None  # "skipped": the failed stage it needed, directly or not
     bad_input: bool = False  # "failed" with a VitdistillError: the input is wrong, not the code (CLI exit 2)
+    teacher: str | None = None  # a run with several teachers (teacher.name a list): whose stage this is
+
+    @property
+    def label(self) -> str:
+        return stage_label(self.stage, self.teacher)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def stage_label(stage: str, teacher: str | None) -> str:
+    """``probe``, or ``probe[effnet_lite1_imagenet]`` for one teacher's stage of a several-teacher run."""
+    return f"{stage}[{teacher}]" if teacher else stage
 
 
 @dataclass(frozen=True)
@@ -206,8 +216,9 @@ class StagesFailed(VitdistillError):
 
     def __init__(self, result: dict) -> None:
         self.result = result
-        failed = [f"{s['stage']} failed: {s['message']}" for s in result["stages"] if s["status"] == "failed"]
-        skipped = [s["stage"] for s in result["stages"] if s["status"] == "skipped"]
+        label = lambda s: stage_label(s["stage"], s.get("teacher"))  # noqa: E731
+        failed = [f"{label(s)} failed: {s['message']}" for s in result["stages"] if s["status"] == "failed"]
+        skipped = [label(s) for s in result["stages"] if s["status"] == "skipped"]
         super().__init__("; ".join(failed) + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
 
     def __reduce__(self):  # picklable with its result (Prefect may serialise a flow's exception)

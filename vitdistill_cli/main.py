@@ -174,6 +174,12 @@ def _write_json(path: Path | None, result: Any) -> None:
 # --------------------------------------------------------------------------- stages
 
 
+def _label(stage: dict) -> str:
+    from vitdistill.stages import stage_label
+
+    return stage_label(stage["stage"], stage.get("teacher"))
+
+
 def _summary(result: dict) -> None:
     table = Table(title=f"vitdistill {result['target']}", show_lines=False)
     table.add_column("stage", style="bold")
@@ -183,7 +189,7 @@ def _summary(result: dict) -> None:
     colour = {"ok": "green", "not built": "yellow", "disabled": "dim", "failed": "red", "skipped": "yellow"}
     for s in result["stages"]:
         status = f"[{colour.get(s['status'], 'white')}]{s['status']}[/]"
-        table.add_row(s["stage"], status, s["headline"] or s["message"], s["run_id"] or "-")
+        table.add_row(_label(s), status, s["headline"] or s["message"], s["run_id"] or "-")
     out.print(table)
     out.print(f"MLflow parent run [bold]{result['mlflow_run_id']}[/] (experiment {result['mlflow_experiment_id']}, {result['tracking_uri']})")
     if result.get("mlflow_run_url"):
@@ -342,10 +348,11 @@ def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, 
     for s in failed:
         from vitdistill.redact import redact_uri
 
-        err.print(f"[bold red]error:[/] {redact_uri(s['message'])} (stage {s['stage']})", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {redact_uri(s['message'])} (stage {_label(s)})", highlight=False, soft_wrap=True)
     for s in result["stages"]:
         if s["status"] == "skipped":
-            err.print(f"skipped: {s['stage']} (it needs {s['skipped_because']}, which failed)", highlight=False)
+            need = _label({"stage": s["skipped_because"], "teacher": s.get("teacher")})
+            err.print(f"skipped: {_label(s)} (it needs {need}, which failed)", highlight=False)
     if failed:
         raise typer.Exit(2 if all(s["bad_input"] for s in failed) else 1)
 

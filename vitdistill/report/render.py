@@ -20,8 +20,7 @@ import jinja2
 from vitdistill.evaluate.base import EVALUATORS, MODELS, describe_metric, evaluator_class
 from vitdistill.report.compare import Row, tally
 from vitdistill.report.gather import PipelineRun
-from vitdistill.report.teachers import COLUMNS as TEACHER_COLUMNS
-from vitdistill.report.teachers import teacher_rows
+from vitdistill.report.teachers import shown_columns, teacher_rows
 from vitdistill.stages import STAGES  # each stage's headline_keys: the numbers of its row in the overview
 
 
@@ -127,7 +126,7 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, bytes]) ->
         figures=figures, logged=logged,
         data_efficiency=distill.tables.get("distill_data_efficiency", []) if distill and figures.get("data_efficiency")
         else [],
-        teachers=teacher_rows(run), teacher_columns=[c for c, _, _ in TEACHER_COLUMNS],
+        teachers=teacher_rows(run), teacher_columns=shown_columns(teacher_rows(run)),
     )
 
 
@@ -141,7 +140,7 @@ def render_markdown(run: PipelineRun, rows: list[Row], where: dict[str, str]) ->
                          f"{r.winner or '-'} |")
     teachers = teacher_rows(run)
     if teachers:
-        cols = [c for c, _, _ in TEACHER_COLUMNS if c not in ("best layer", "best layer top-1")]
+        cols = [c for c in shown_columns(teachers) if c not in ("best layer", "best layer top-1")]
         lines += ["", f"## {len(teachers)} teachers (the sections above are {run.teacher})", "",
                   "| teacher | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         lines += [f"| {t['teacher']} | " + " | ".join(fmt(t[c]) for c in cols) + " |" for t in teachers]

@@ -47,6 +47,11 @@ def teacher_rows(run: PipelineRun) -> list[dict[str, Any]]:
     return rows
 
 
+def shown_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The columns some teacher has a number for (no best-layer columns without ``teacher.layers``)."""
+    return [c for c, _, _ in COLUMNS if any(r[c] is not None for r in rows)]
+
+
 def teachers_figure(rows: list[dict[str, Any]]):
     """Top-1 of the probe, zero-shot and student against each teacher's GFLOPs (log scale; parameters when
     GFLOPs were not measured); None when fewer than two teachers have both."""
@@ -66,7 +71,7 @@ def teachers_figure(rows: list[dict[str, Any]]):
         ax.annotate(r["teacher"], (r[xkey], max(r[s] for s, _, _ in SERIES if r[s] is not None)),
                     textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel(f"teacher {xkey.lower()} (log)")
+    ax.set_xlabel(f"teacher {xkey} (log scale)")
     ax.set_ylabel("test top-1")
     ax.set_title("teachers: feature quality and what a student learns from them")
     ax.legend(fontsize=8)
