@@ -16,6 +16,7 @@ from prefect import flow, unmapped
 from tasks import extract as extract_tasks
 from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import OrchestrationConfig, VitdistillConfig
+from vitdistill.faults import TrackingServerLost, explain_stage_failure
 from vitdistill.stages import StageResult, stages_to_run
 from vitdistill.tracking import get_tracker
 
@@ -25,9 +26,13 @@ def stage_run(config: VitdistillConfig, name: str, parent_run_id: str | None) ->
     run_id = open_run(config, name, parent_run_id)
     try:
         yield run_id
-    except BaseException:
-        close_run(config, run_id, "FAILED")
-        raise
+    except BaseException as e:
+        explained = explain_stage_failure(config, name, e)  # a full disk or a lost MLflow server: one line
+        if not isinstance(explained, TrackingServerLost):  # (a run on a lost server is closed at the next start)
+            close_run(config, run_id, "FAILED")
+        if explained is None or explained is e:
+            raise
+        raise explained from None
     close_run(config, run_id, "FINISHED")
 
 

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import errno
 import re
 
 from prefect.runtime import deployment, flow_run
 
-from vitdistill.errors import VitdistillError
+from vitdistill.errors import StorageError, VitdistillError
 
 
 def retry_on_io_only(task, task_run, state) -> bool:
-    """Retry transient I/O failures; never retry bad input (a VitdistillError fails at once)."""
+    """Retry transient I/O failures only: a lost or refused connection, a timeout, an object store's
+    server error (5xx) or throttling. Bad input (a VitdistillError) and permanent refusals (no such file
+    or bucket, access denied, a full disk) fail at once, without the retry delays."""
     try:
         state.result()
+    except StorageError as e:
+        return e.transient
     except VitdistillError:
         return False
-    except (OSError, TimeoutError, ConnectionError):
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError):
+        return False
+    except (TimeoutError, ConnectionError):
         return True
+    except OSError as e:
+        return e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EINVAL)
     except Exception:
         return False
     return False

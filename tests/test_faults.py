@@ -1,0 +1,336 @@
+"""Faults around the pipeline (issue #17, faults 1-4): the MLflow server, the Prefect server or the S3
+server dies mid-run, or the disk fills up. Each ends in one line naming what failed, keeps what was
+computed (nothing half-written is visible), and a re-run after recovery resumes instead of redoing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNLOCAL = str(ROOT / "configs/runlocal.yaml")
+
+
+def cli(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitdistill_cli.main", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT),
+           "COLUMNS": "300", **extra}
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def error_line(stderr: str) -> str:
+    """The command's error: its one ``error:`` line (asserted single), with no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def stage(result: dict, name: str) -> dict:
+    return next(s for s in result["stages"] if s["stage"] == name)
+
+
+# --------------------------------------------------------------------------- 3. S3 dies or errors
+
+
+class FaultProxy:
+    """An HTTP proxy between the S3 client and the moto server that can die mid-upload and then
+    answer 503 (the server down or overloaded) until ``restore()``; it counts the requests it sees."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.split("://", 1)[1]
+        self.trigger: str | None = None  # a PUT whose path contains this cuts the upload; then 503s
+        self.down = False
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status; 0 = connection cut)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    out = b""
+                    while (n := int(self.rfile.readline().split(b";")[0], 16)):
+                        out += self.rfile.read(n)
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return out
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                if proxy.trigger and self.command == "PUT" and proxy.trigger in self.path:
+                    proxy.trigger, proxy.down = None, True
+                    self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)  # half the upload...
+                    proxy.requests.append((self.command, self.path, 0))
+                    self.close_connection = True  # ...then the server is gone
+                    self.connection.shutdown(2)
+                    return
+                body = self._body()
+                if proxy.down:
+                    proxy.requests.append((self.command, self.path, 503))
+                    msg = b"<Error><Code>ServiceUnavailable</Code><Message>S3 is down (test)</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                proxy.requests.append((self.command, self.path, r.status))
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", r.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def restore(self) -> None:
+        self.down = False
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    proxy = FaultProxy(s3_server)
+    yield proxy
+    proxy.close()
+
+
+def _s3_env(endpoint: str) -> dict[str, str]:
+    # botocore's retries bounded (a user sets the same two variables); Prefect's task retries still apply
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_s3_dying_mid_extraction_publishes_no_partial_shard_and_a_rerun_resumes(tmp_path, s3_env, s3_proxy):
+    s3, bucket = s3_env
+    env = base_env(**_s3_env(s3_proxy.url))
+    args = ["extract", "-c", RUNLOCAL, "--set", f"cache.root=s3://{bucket}/cache",
+            "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    s3_proxy.trigger = "/feat-00001-000.tar"  # shard 0 is published, shard 1's upload is cut halfway
+    r = cli([*args, "--json", str(tmp_path / "never.json")], env, tmp_path)
+    assert r.returncode != 0
+    line = error_line(r.stderr)
+    assert f"error: s3://{bucket}/cache/" in line and ": the object store failed (" in line, line
+    assert "is the S3 server up?" in line, line
+    cut = [req for req in s3_proxy.requests if req[2] == 0]
+    retried = [req for req in s3_proxy.requests if req[2] == 503]
+    assert len(cut) == 1 and len(retried) >= 3, s3_proxy.requests[-20:]  # botocore's and Prefect's retries
+
+    objects = [p for p in s3.find(f"{bucket}/cache") if "/features/" in p]
+    names = {p.rsplit("/", 1)[-1] for p in objects}
+    assert "feat-00000-000.tar" in names and "00000.json" in names
+    assert not [n for n in names if n.startswith("feat-00001") or n.startswith(".tmp-") or n == "00001.json"], names
+    published = {p.rsplit("/", 1)[-1]: s3.size(p) for p in objects if p.endswith(".tar")}
+
+    s3_proxy.restore()
+    n_before = len(s3_proxy.requests)
+    r = cli([*args, "--json", str(tmp_path / "r.json")], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = stage(json.loads((tmp_path / "r.json").read_text()), "extract")["metrics"]
+    assert m["shards_reused"] == 1 and m["shards"] == 4 and m["samples"] == 200  # only the missing shards rebuilt
+    assert not [p for method, p, _ in s3_proxy.requests[n_before:] if method == "PUT" and "/feat-00000" in p]
+    cache_dir = stage(json.loads((tmp_path / "r.json").read_text()), "extract")["paths"]["cache_dir"]
+    s3.invalidate_cache()
+    manifest = json.loads(s3.cat_file(f"{cache_dir}/manifest.json"))
+    for part in manifest["shards"]:  # what the failed run published is whole: the same bytes as the manifest's
+        if part["name"] in published:
+            assert published[part["name"]] == part["bytes"]
+    assert not [p for p in s3.find(f"{bucket}/cache") if p.endswith(".lock")]  # the failed run's lock was taken over
+
+
+@pytest.mark.integration
+def test_a_missing_bucket_fails_at_once_without_retries(tmp_path, s3_env, s3_proxy):
+    env = base_env(**_s3_env(s3_proxy.url))
+    missing = f"vd-missing-{os.urandom(3).hex()}"
+    r = cli(["extract", "-c", RUNLOCAL, "--set", f"cache.root=s3://{missing}/cache",
+             "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], env, tmp_path)
+    assert r.returncode == 2
+    line = error_line(r.stderr)
+    assert f"s3://{missing}/cache/" in line and "bucket does not exist" in line, line
+    puts = [p for m, p, _ in s3_proxy.requests if m == "PUT"]
+    assert len(puts) == 1, puts  # one PUT, answered 404 NoSuchBucket: never retried, by botocore or Prefect
+
+
+def test_retries_are_for_transient_errors_only(prefect_harness):
+    """Through a real Prefect task with the project's retry policy: transient failures are retried,
+    permanent ones fail at the first attempt."""
+    import errno
+
+    from prefect import task
+
+    from tasks._common import retry_on_io_only
+    from vitdistill.errors import DataError, DiskFullError, StorageError
+
+    cases = [
+        (StorageError("s3://b/x: the object store failed (503)", transient=True), 3),
+        (ConnectionResetError("reset by peer"), 3),
+        (OSError(errno.EIO, "I/O error"), 3),
+        (StorageError("s3://b/x: The specified bucket does not exist", transient=False), 1),
+        (FileNotFoundError("s3://b/x"), 1),
+        (PermissionError("Access Denied"), 1),
+        (DiskFullError("/c/x.tar"), 1),
+        (OSError(errno.ENOSPC, "No space left on device"), 1),
+        (DataError("a.tar: truncated"), 1),
+        (ValueError("a bug"), 1),
+    ]
+    for exc, expected in cases:
+        attempts = []
+
+        @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_on_io_only)
+        def fails() -> None:
+            attempts.append(1)
+            raise exc
+
+        with pytest.raises(type(exc)):
+            fails()
+        assert len(attempts) == expected, (exc, len(attempts))
+
+
+def test_s3_errors_are_classified_transient_or_permanent(s3_env, monkeypatch):
+    """The object store's own answers: a missing bucket is permanent, a refused connection transient."""
+    import s3fs
+
+    from vitdistill.cache import fs
+    from vitdistill.errors import StorageError
+
+    with pytest.raises(StorageError) as e:
+        fs.write_bytes_atomic(f"s3://vd-nope-{os.urandom(3).hex()}/x.bin", b"x")
+    assert not e.value.transient and "bucket does not exist" in str(e.value)
+    _, bucket = s3_env
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(StorageError) as e:
+        fs.write_bytes_atomic(f"s3://{bucket}/x.bin", b"x")
+    assert e.value.transient and "is the S3 server up?" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- 4. the disk fills up
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk (the extraction needs about 1.7 MB); unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot make a small filesystem for the full-disk test")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _leftover_temp(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_a_rerun_after_freeing_space_completes(tmp_path, small_disk):
+    from vitdistill.cache import fs
+
+    env = base_env()
+    root = small_disk / "cache"
+    args = ["extract", "-c", RUNLOCAL, "--set", f"cache.root={root}", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    r = cli(args, env, tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = error_line(r.stderr)
+    assert "no space left on device writing " in line and f"under cache.root={root};" in line, line
+    assert not _leftover_temp(small_disk)  # nothing half-written is left, and no temp file
+    feats = next((root / "features").iterdir())
+    assert not (feats / "manifest.json").exists()
+    records = sorted((feats / "records").glob("*.json"))
+    assert records  # at least one shard finished before the disk filled
+    for rec in records:  # what was published is valid: every part matches its record
+        for part in json.loads(rec.read_text())["parts"]:
+            assert fs.sha256_file(str(feats / part["name"])) == part["sha256"]
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # space freed
+    r = cli([*args, "--json", str(tmp_path / "r.json")], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = stage(json.loads((tmp_path / "r.json").read_text()), "extract")["metrics"]
+    assert m["shards_reused"] == len(records) and m["samples"] == 200
+    assert not _leftover_temp(small_disk)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_leaves_the_last_one_valid(tmp_path, small_disk):
+    """The trainer's checkpoint write on a full disk: DiskFullError, no temp file, latest.json intact."""
+    import torch
+
+    from vitdistill.errors import DiskFullError
+    from vitdistill.trainer import Trainer, TrainerConfig, latest_checkpoint
+
+    class Data:
+        def __len__(self) -> int:
+            return 2
+
+    ckpt = small_disk / "ckpt"
+    model = torch.nn.Linear(8, 8)
+    trainer = Trainer(model, None, Data(), TrainerConfig(epochs=1, lr=1e-3, checkpoint_dir=str(ckpt)))
+    trainer.step = 1
+    assert trainer.save_checkpoint()
+    first = latest_checkpoint(str(ckpt))
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    trainer.step = 2
+    with pytest.raises(DiskFullError, match=r"no space left on device writing .*step-00000002\.pt"):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(str(ckpt)) == first and not _leftover_temp(small_disk)
+    filler.unlink()
+    assert trainer.save_checkpoint().endswith("step-00000002.pt")
