@@ -334,3 +334,92 @@ def test_a_full_disk_while_writing_a_checkpoint_leaves_the_last_one_valid(tmp_pa
     assert latest_checkpoint(str(ckpt)) == first and not _leftover_temp(small_disk)
     filler.unlink()
     assert trainer.save_checkpoint().endswith("step-00000002.pt")
+
+
+# --------------------------------------------------------------------------- 1. the MLflow server dies
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    from vitdistill.tracking import http_probe
+
+    deadline = time.time() + timeout
+    while http_probe(url, 2) is not None:
+        assert proc.poll() is None and time.time() < deadline, f"{url} did not come up"
+        time.sleep(0.5)
+
+
+def _mlflow_server(work: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1 (as ``vitdistill up`` starts it), in its own process group."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{work}/mlflow-server.db",
+                             "--artifacts-destination", str(work / "mlartifacts")],
+                            stdout=open(work / "mlflow-server.log", "ab"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=base_env())
+    _wait_http(f"http://127.0.0.1:{port}/health", proc)
+    return proc
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def _files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*.tar")}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_mlflow_server_dying_mid_distillation_is_one_line_and_a_rerun_resumes(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path / "cache"
+    env = base_env(MLFLOW_TRACKING_URI=url)
+    args = ["distill", "-c", RUNLOCAL, "--set", f"cache.root={root}", "--set", "distill.epochs=3",
+            "--set", "distill.checkpoint_every=1", "--set", "distill.data_efficiency=[]"]
+    server = _mlflow_server(tmp_path, port)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vitdistill_cli.main", *args], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 300
+        while not list(root.glob("distill/*/checkpoints/latest.json")):  # the first checkpoint is written
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        _kill_group(server)  # the tracking server dies mid-training
+        t0 = time.time()
+        _, stderr = proc.communicate(timeout=180)
+        seconds = time.time() - t0
+    finally:
+        _kill_group(server)
+    assert proc.returncode == 2, stderr[-3000:]
+    line = error_line(stderr)
+    assert line.startswith(f"error: lost the MLflow tracking server at {url} during distill ("), line
+    assert "re-run the same command to resume" in line, line
+    assert seconds < 120, seconds  # bounded MLflow client retries, not minutes of them
+
+    from vitdistill.trainer import latest_checkpoint
+
+    import torch
+
+    ckpt_dir = next(root.glob("distill/*/checkpoints"))
+    with open(latest_checkpoint(str(ckpt_dir)), "rb") as f:  # what was written stays valid
+        assert torch.load(f, weights_only=True)["step"] > 0
+    assert not _leftover_temp(root)
+    before = _files(root / "features") | _files(root / "views")
+    assert any(Path(k).name.startswith("feat-") for k in _files(root / "features")) and _files(root / "views")
+
+    server = _mlflow_server(tmp_path, port)  # back, on the same backend store
+    try:
+        r = cli([*args, "--json", str(tmp_path / "r.json")], env, tmp_path)
+    finally:
+        _kill_group(server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    extract, distill = stage(result, "extract")["metrics"], stage(result, "distill")["metrics"]
+    assert extract["shards_reused"] == extract["shards"]  # extraction reused
+    assert _files(root / "features") | _files(root / "views") == before  # no shard or view rebuilt
+    assert distill["resumed_from_step"] > 0  # training resumed from its checkpoint
