@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 from prefect import flow, unmapped
 
 from tasks import extract as extract_tasks
+from tasks._common import watch_prefect_api
 from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import OrchestrationConfig, VitdistillConfig
 from vitdistill.faults import TrackingServerLost, explain_stage_failure
@@ -121,6 +122,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[VitdistillConfig, str, dict], StageResult]]
 
 def run_stages(config: VitdistillConfig, target: str) -> dict:
     """Run ``target`` (a stage or ``pipeline``) and what it needs, under one MLflow parent run."""
+    watch_prefect_api()  # a deployment's run ends when its Prefect server is gone, instead of lingering
     tracker = get_tracker(config.tracking)
     results: list[StageResult] = []
     ctx: dict = {}

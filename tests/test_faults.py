@@ -423,3 +423,97 @@ def test_mlflow_server_dying_mid_distillation_is_one_line_and_a_rerun_resumes(tm
     assert extract["shards_reused"] == extract["shards"]  # extraction reused
     assert _files(root / "features") | _files(root / "views") == before  # no shard or view rebuilt
     assert distill["resumed_from_step"] > 0  # training resumed from its checkpoint
+
+
+# --------------------------------------------------------------------------- 2. the Prefect server dies
+
+
+def _prefect(env: dict, fn):
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        return fn(c)
+
+
+def _until(what: str, check, timeout: float, poll: float = 1.0):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            value = check()
+        except Exception:  # the API is still coming up
+            value = None
+        if value:
+            return value
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_prefect_server_dying_mid_flow_run_crashes_it_and_a_resubmission_completes(tmp_path):
+    work = tmp_path
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    env = base_env(PREFECT_HOME=str(work / "prefect-home"))
+    sets = ["--set", f"orchestration.prefect_port={ports['prefect']}", "--set", f"orchestration.mlflow_port={ports['mlflow']}",
+            "--set", f"orchestration.state_dir={work}/state",
+            "--set", f"tracking.server_backend_store_uri=sqlite:///{work}/mlflow-server.db",
+            "--set", f"tracking.server_artifacts_destination={work}/mlartifacts"]
+    r = cli(["up", *sets, "--json", str(work / "up.json")], env, work, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    info = json.loads((work / "up.json").read_text())
+    pids = {p["name"]: p for p in info["processes"]}
+    client_env = {**env, "PREFECT_API_URL": info["prefect_api_url"], "MLFLOW_TRACKING_URI": info["mlflow_url"]}
+    run_sets = ["-c", RUNLOCAL, "--set", f"cache.root={work}/cache", "--set", "distill.epochs=8",
+                "--set", "distill.checkpoint_every=1", "--set", "distill.data_efficiency=[]"]
+    restarted = None
+    try:
+        assert cli(["deploy", "-c", RUNLOCAL], client_env, work).returncode == 0
+        r = cli(["submit", "distill", *run_sets, "--json", str(work / "first.json")], client_env, work)
+        assert r.returncode == 0, r.stderr
+        first = json.loads((work / "first.json").read_text())["flow_run_id"]
+        _until("the first checkpoint", lambda: list((work / "cache").glob("distill/*/checkpoints/latest.json")), 400,
+               poll=0.2)
+        worker = psutil.Process(pids["prefect-worker"]["pid"])
+        flow_procs = [p for p in worker.children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+        assert len(flow_procs) == 1
+        tree = [flow_procs[0], *flow_procs[0].children(recursive=True)]
+        os.killpg(pids["prefect-server"]["pgid"], signal.SIGKILL)  # the Prefect server dies mid-run
+
+        gone, alive = psutil.wait_procs(tree, timeout=180)  # the worker kills its runs once the API is gone
+        assert not alive, f"the flow run's processes outlived the Prefect server by 180 s: {alive}"
+        assert worker.is_running()  # the worker itself stays, and reconnects below
+
+        restarted = subprocess.Popen(  # the server back, on the same database (PREFECT_HOME)
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+             "--port", str(ports["prefect"])], env=env, stdout=open(work / "prefect-again.log", "ab"),
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        _wait_http(f"{info['prefect_api_url']}/health", restarted)
+        state = _until("the first run's final state", lambda: (s := _prefect(client_env, lambda c: c.read_flow_run(
+            first).state.type.value)) in ("CRASHED", "FAILED") and s, 120)
+        assert state in ("CRASHED", "FAILED")
+        _until("the worker back online", lambda: any(w.status.value == "ONLINE" for w in _prefect(
+            client_env, lambda c: c.read_workers_for_work_pool(info["work_pool"]))), 180)
+
+        r = cli(["submit", "distill", *run_sets, "--wait", "--timeout", "400", "--json", str(work / "again.json")],
+                client_env, work, timeout=450)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        again = json.loads((work / "again.json").read_text())
+        assert again["state"] == "COMPLETED"
+
+        from mlflow.tracking import MlflowClient
+
+        mlflow = MlflowClient(tracking_uri=info["mlflow_url"])
+        exp = mlflow.get_experiment_by_name("vitdistill").experiment_id
+        runs = {r.info.run_name: r.data.metrics for r in mlflow.search_runs(
+            [exp], f"tags.`prefect.flow_run_id` = '{again['flow_run_id']}'")}
+        assert runs["extract"]["shards_reused"] == runs["extract"]["shards"]  # the caches reused
+        assert runs["distill"]["resumed_from_step"] > 0  # training resumed from the crashed run's checkpoint
+    finally:
+        if restarted is not None:
+            _kill_group(restarted)
+        down = cli(["down", *sets], env, work, timeout=120)
+        assert down.returncode == 0, down.stderr
+    left = [p for p in [*tree, worker] if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    left += [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left  # nothing of the stack or of its flow runs is left behind
