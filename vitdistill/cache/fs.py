@@ -4,6 +4,10 @@ Everything that writes a shard or a manifest writes a local temporary file first
 *publishes* it: ``os.replace`` on local disk (atomic on POSIX), a single upload on object stores
 (an S3 object appears whole or not at all). Readers therefore never see a torn file.
 
+Object-store failures become one-line errors (:class:`StorageError`) that say whether they are transient
+(worth a retry: 5xx, throttling, a lost connection) or not (no such bucket, access denied); a full
+disk becomes :class:`DiskFullError` naming the file, and nothing half-written is left behind.
+
 S3 endpoints and credentials come from the environment (``AWS_ENDPOINT_URL`` or
 ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...), never from the config, so they are never
 logged.
@@ -56,7 +60,7 @@ def storage_error(url: str, e: BaseException) -> StorageError | None:
     if isinstance(e, (bce.ConnectionError, bce.HTTPClientError, ConnectionError, TimeoutError)):
         transient = True
     elif isinstance(e, (bce.ClientError, OSError)) and not isinstance(e, (bce.NoCredentialsError,)):
-        transient = status >= 500 or status == 429 if status else getattr(e, "errno", None) in _TRANSIENT_ERRNOS
+        transient = (status >= 500 or status == 429) if status else getattr(e, "errno", None) in _TRANSIENT_ERRNOS
     else:
         return None
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -180,8 +184,8 @@ def staged(final_url: str) -> Iterator[str]:
 
 def publish(local_path: str, final_url: str) -> None:
     """``local_path`` becomes ``final_url`` whole: a rename on local disk, one upload to an object store
-    (a single PUT up to s3fs's 50 MiB block, else a multipart upload, which stays invisible until
-    completed; an interrupted one is aborted)."""
+    (s3fs: a single PUT below 100 MiB, else a multipart upload, which stays invisible until completed
+    and is aborted on failure)."""
     if is_remote(final_url):
         fs, path = get_fs(final_url)
         with _store(final_url, missing_is_error=True):
