@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from prefect import allow_failure, flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks._common import STOP, route_library_logs
+from tasks._common import STOP, route_library_logs, watch_prefect_api
 from tasks.stage import stage as stage_task
 from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import VitdistillConfig
+from vitdistill.faults import TrackingServerLost
 from vitdistill.stages import (PIPELINE, STAGES, StageResult, StagesFailed, failure_message, stage_concurrency,
                                stage_label, stages_to_run, threads_per_stage)
 from vitdistill.tracking import get_tracker
@@ -46,6 +47,7 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     import torch
 
     route_library_logs()
+    watch_prefect_api()  # a deployment's run ends when its Prefect server is gone, instead of lingering
     STOP.clear()
     names = stages_to_run(target)
     nodes = _nodes(config, names)
@@ -67,7 +69,9 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
         torch.set_num_threads(threads)
     results = [_result(node, futures[key]) for key, node in nodes.items()]
     failed = [r for r in results if r.status == "failed"]
-    close_run(config, parent, "FAILED" if failed else "FINISHED")
+    lost = [f for f in futures.values() if isinstance(f.state.result(raise_on_failure=False), TrackingServerLost)]
+    if not lost:  # runs on a lost MLflow server are closed by the next command that starts (KILLED)
+        close_run(config, parent, "FAILED" if failed else "FINISHED")
     report = None
     if config.report.enabled and any(r.stage == "evaluate" and r.status == "ok" for r in results):
         from tasks.report import report as report_task

@@ -17,6 +17,7 @@ from prefect.states import Completed
 from tasks._common import route_library_logs
 from tasks.tracking import close_run, open_run
 from vitdistill.config import VitdistillConfig
+from vitdistill.faults import TrackingServerLost, explain_stage_failure
 from vitdistill.stages import STAGES, StageResult, stage_label
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,14 @@ def stage(name: str, config: VitdistillConfig, parent_run_id: str, upstream: dic
     try:
         result = spec(config, run_id, results)
     except BaseException as e:
-        close_run(config, run_id, "FAILED")
-        e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # the run summary names the failed stage's run
-        raise
+        explained = explain_stage_failure(config, stage_label(name, teacher), e)  # a full disk, a lost MLflow server
+        if not isinstance(explained, TrackingServerLost):  # (a run on a lost server is closed at the next start)
+            close_run(config, run_id, "FAILED")
+        error = e if explained is None else explained
+        error.mlflow_run_id = run_id  # type: ignore[attr-defined]  # the run summary names the failed stage's run
+        if error is e:
+            raise
+        raise error from None
     close_run(config, run_id, "FINISHED")
     result.teacher = teacher
     return result.to_dict()

@@ -36,6 +36,35 @@ class RegistryError(VitdistillError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DiskFullError(CacheError):
+    """The disk filled up (``ENOSPC``) while writing ``path``: nothing half-written is kept, and a re-run
+    after freeing space resumes. ``under(root)`` names the ``cache.root`` the file belongs to."""
+
+    def __init__(self, path: str, root: str | None = None) -> None:
+        self.path, self.root = path, root
+        where = f" under cache.root={root}" if root else ""
+        super().__init__(f"no space left on device writing {path}{where}; free space there (or point cache.root "
+                         "at a larger disk) and re-run: what finished is kept")
+
+    def __reduce__(self):  # pickled by Prefect and Dask with both arguments
+        return type(self), (self.path, self.root)
+
+    def under(self, root: str) -> DiskFullError:
+        return self if self.root else DiskFullError(self.path, root)
+
+
+class StorageError(CacheError):
+    """An object store failed a request for ``url``. ``transient`` (5xx, throttling, a lost connection)
+    is worth retrying; anything else (no such bucket, access denied) fails at once."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        self.transient = transient
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.transient)
+
+
 def one_line(e: BaseException) -> str | None:
     """The one line a person reads for a failure they can act on (bad input, a missing file, missing S3
     credentials); None for anything else, which the caller names by its type."""

@@ -229,10 +229,12 @@ class _PartWriter:
         if self._writer is None:
             name = f"feat-{self.index:05d}-{len(self.parts) + len(self._staged):03d}.tar"
             url = fs.join(self.plan.cache_dir, name)
-            tmp = os.path.join(fs.local_tmp_dir(url), f".tmp-{name}.{uuid.uuid4().hex[:8]}")
-            self._writer = TarShardWriter(tmp)
-            self._staged.append((tmp, name))
-        self._writer.write(key, fields)
+            with fs.writing(url):
+                tmp = os.path.join(fs.local_tmp_dir(url), f".tmp-{name}.{uuid.uuid4().hex[:8]}")
+                self._staged.append((tmp, name))
+                self._writer = TarShardWriter(tmp)
+        with fs.writing(fs.join(self.plan.cache_dir, self._staged[-1][1])):  # ENOSPC: one line, see abort
+            self._writer.write(key, fields)
         if self._writer.bytes_written >= self.plan.shard_bytes:
             self._close_current()
 
@@ -240,7 +242,8 @@ class _PartWriter:
         w = self._writer
         if w is None:
             return
-        w.close()
+        with fs.writing(fs.join(self.plan.cache_dir, self._staged[-1][1])):
+            w.close()
         tmp, name = self._staged[-1]
         self.parts.append(
             {"name": name, "count": w.count, "bytes": w.bytes_written, "first_key": w.first_key, "last_key": w.last_key}
@@ -256,8 +259,10 @@ class _PartWriter:
         return self.parts
 
     def abort(self) -> None:
+        """Delete every staged part (a full disk, a failed upload, an interrupt): nothing half-written stays."""
         if self._writer is not None:
-            self._writer.close()
+            self._writer.discard()
+            self._writer = None
         for tmp, _ in self._staged:
             if os.path.exists(tmp):
                 os.unlink(tmp)

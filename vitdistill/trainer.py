@@ -32,6 +32,7 @@ Distillation and LiT both train through it.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -253,8 +254,9 @@ class Trainer:
         if self.rank == 0:
             fs.makedirs(ckpt_dir)
             previous = latest_checkpoint(ckpt_dir)
-            with fs.staged(url) as tmp:
-                torch.save(self.state_dict(), tmp)
+            buf = io.BytesIO()  # torch.save to a file says RuntimeError on a full disk; this write says ENOSPC
+            torch.save(self.state_dict(), buf)
+            fs.write_bytes_atomic(url, buf.getbuffer())
             fs.write_json_atomic(fs.join(ckpt_dir, "latest.json"), {"name": name, "step": self.step})
             if previous and previous != url:
                 fsys, path = fs.get_fs(previous)

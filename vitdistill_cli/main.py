@@ -30,6 +30,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry 
 os.environ.setdefault("PREFECT_UI_ENABLED", "true")
 # the ephemeral API's start-up wait (Prefect's default, 20 s, is too short on a loaded 2-core machine)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# a tracking server that dies mid-run: MLflow's client would retry for minutes (7 retries, backoff factor 2, 120 s
+# timeout); these bound it to about 10 s, then the stage fails with one line (vitdistill.faults); set them to override
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 app = typer.Typer(
     name="vitdistill",

@@ -4,6 +4,10 @@ Everything that writes a shard or a manifest writes a local temporary file first
 *publishes* it: ``os.replace`` on local disk (atomic on POSIX), a single upload on object stores
 (an S3 object appears whole or not at all). Readers therefore never see a torn file.
 
+Object-store failures become one-line errors (:class:`StorageError`) that say whether they are transient
+(worth a retry: 5xx, throttling, a lost connection) or not (no such bucket, access denied); a full
+disk becomes :class:`DiskFullError` naming the file, and nothing half-written is left behind.
+
 S3 endpoints and credentials come from the environment (``AWS_ENDPOINT_URL`` or
 ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`` ...), never from the config, so they are never
 logged.
@@ -11,6 +15,7 @@ logged.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -24,7 +29,7 @@ from typing import IO, Any, Callable, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
-from vitdistill.errors import CacheError, DataError
+from vitdistill.errors import CacheError, DataError, DiskFullError, StorageError
 
 _TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
@@ -39,6 +44,60 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(url)
     except (ImportError, ValueError) as e:
         raise DataError(f"{url}: unsupported or invalid URI ({e})") from None
+
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EPIPE, errno.EAGAIN}
+
+
+def storage_error(url: str, e: BaseException) -> StorageError | None:
+    """An object store's failure for ``url`` as one line, with whether it is worth retrying (server
+    errors, throttling, lost or refused connections, timeouts), or None when ``e`` is no store failure."""
+    import botocore.exceptions as bce
+
+    cause = e.__cause__ if isinstance(e.__cause__, bce.ClientError) else e if isinstance(e, bce.ClientError) else None
+    status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") if cause is not None else None
+    if isinstance(e, (bce.ConnectionError, bce.HTTPClientError, ConnectionError, TimeoutError)):
+        transient = True
+    elif isinstance(e, (bce.ClientError, OSError)) and not isinstance(e, (bce.NoCredentialsError,)):
+        transient = (status >= 500 or status == 429) if status else getattr(e, "errno", None) in _TRANSIENT_ERRNOS
+    else:
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    what = (f"the object store failed ({first}) after its retries; is the S3 server up? (endpoint: "
+            f"AWS_ENDPOINT_URL)" if transient else f"{first}; check the bucket name and the credentials")
+    return StorageError(f"{url}: {what}", transient)
+
+
+@contextmanager
+def _store(url: str, missing_is_error: bool = False) -> Iterator[None]:
+    """Object-store calls for ``url``: failures become one-line StorageErrors (a missing object stays
+    FileNotFoundError for readers unless ``missing_is_error``); local calls pass through."""
+    if not is_remote(url):
+        yield
+        return
+    try:
+        yield
+    except FileNotFoundError as e:
+        if not missing_is_error:
+            raise
+        raise StorageError(f"{url}: cannot write it ({e}); check the bucket name in the URI", False) from None
+    except Exception as e:
+        err = storage_error(url, e)
+        if err is None:
+            raise
+        raise err from None
+
+
+@contextmanager
+def writing(url: str) -> Iterator[None]:
+    """A full disk (``ENOSPC``, ``EDQUOT``) while writing ``url``: one line, DiskFullError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(url) from None
 
 
 def join(base: str, *parts: str) -> str:
@@ -62,20 +121,22 @@ def join_inside(base: str, name: Any, where: str | None = None) -> str:
 
 def exists(url: str) -> bool:
     fs, path = get_fs(url)
-    return fs.exists(path)
+    with _store(url):
+        return fs.exists(path)
 
 
 def size(url: str) -> int | None:
     fs, path = get_fs(url)
     try:
-        return int(fs.size(path))
+        with _store(url):
+            return int(fs.size(path))
     except FileNotFoundError:
         return None
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = get_fs(url)
-    with fs.open(path, "rb") as f:
+    with _store(url), fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -111,19 +172,24 @@ def local_tmp_dir(final_url: str) -> str:
 @contextmanager
 def staged(final_url: str) -> Iterator[str]:
     """Yield a local temp path; on clean exit publish it to ``final_url``, else delete it."""
-    tmp = os.path.join(local_tmp_dir(final_url), f"{_TMP_PREFIX}{os.path.basename(final_url)}.{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        publish(tmp, final_url)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with writing(final_url):
+        tmp = os.path.join(local_tmp_dir(final_url), f"{_TMP_PREFIX}{os.path.basename(final_url)}.{uuid.uuid4().hex[:8]}")
+        try:
+            yield tmp
+            publish(tmp, final_url)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def publish(local_path: str, final_url: str) -> None:
+    """``local_path`` becomes ``final_url`` whole: a rename on local disk, one upload to an object store
+    (s3fs: a single PUT below 100 MiB, else a multipart upload, which stays invisible until completed
+    and is aborted on failure)."""
     if is_remote(final_url):
         fs, path = get_fs(final_url)
-        fs.put_file(local_path, path)
+        with _store(final_url, missing_is_error=True):
+            fs.put_file(local_path, path)
         os.unlink(local_path)
     else:
         _, path = get_fs(final_url)
@@ -144,12 +210,13 @@ def write_json_atomic(url: str, obj: Any) -> None:
 
 def open_read(url: str) -> IO[bytes]:
     fs, path = get_fs(url)
-    return fs.open(path, "rb")
+    with _store(url):
+        return fs.open(path, "rb")
 
 
 def sha256_file(url: str, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open_read(url) as f:
+    with _store(url), open_read(url) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -232,33 +299,37 @@ def _object_lock(lock_url: str, *, stale_after: float, poll: float) -> Iterator[
     fs, path = get_fs(lock_url)
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}".encode()
     seen: tuple[str | None, float] | None = None  # (ETag, when this waiter first saw it)
-    while True:
-        try:
-            fs.pipe_file(path, token + b" 0", mode="create")
-            if fs.cat_file(path).split(b" ")[0] == token:
-                break
-        except FileExistsError:
-            if seen is None:
-                log.info("%s is held by another writer; waiting for it", lock_url)
-        except OSError as e:
-            raise CacheError(f"{lock_url}: cannot create the lock object ({e})") from None
-        try:
-            etag = fs.info(path, refresh=True).get("ETag")
-        except FileNotFoundError:
-            seen = None
-            continue
-        now = time.monotonic()
-        if seen is None or seen[0] != etag:
-            seen = (etag, now)
-        elif now - seen[1] > stale_after:
+    with _store(lock_url):  # a store that fails while we wait: one line, retried by the task if transient
+        while True:
             try:
-                if fs.info(path, refresh=True).get("ETag") == etag:
-                    fs.rm_file(path)
+                fs.pipe_file(path, token + b" 0", mode="create")
+                if fs.cat_file(path).split(b" ")[0] == token:
+                    break
+            except FileExistsError:
+                if _holder_is_dead(fs, path):  # its writer died on this host (a failed or killed run): take over
+                    seen = None
+                    continue
+                if seen is None:
+                    log.info("%s is held by another writer; waiting for it", lock_url)
+            except FileNotFoundError as e:
+                raise CacheError(f"{lock_url}: cannot create the lock object ({e}); check the bucket name") from None
+            try:
+                etag = fs.info(path, refresh=True).get("ETag")
             except FileNotFoundError:
-                pass
-            seen = None
-            continue
-        time.sleep(poll)
+                seen = None
+                continue
+            now = time.monotonic()
+            if seen is None or seen[0] != etag:
+                seen = (etag, now)
+            elif now - seen[1] > stale_after:
+                try:
+                    if fs.info(path, refresh=True).get("ETag") == etag:
+                        fs.rm_file(path)
+                except FileNotFoundError:
+                    pass
+                seen = None
+                continue
+            time.sleep(poll)
 
     stop = threading.Event()
 
@@ -268,7 +339,7 @@ def _object_lock(lock_url: str, *, stale_after: float, poll: float) -> Iterator[
             beats += 1  # a new body each beat, so a new ETag: waiters see the holder is alive
             try:
                 fs.pipe_file(path, token + f" {beats}".encode())
-            except OSError:
+            except Exception:  # OSError, or botocore's own errors for a lost connection
                 pass  # the next beat retries; a lease lost here costs at most a duplicated shard
 
     beat = threading.Thread(target=heartbeat, name=f"lock-heartbeat {lock_url}", daemon=True)
@@ -281,8 +352,28 @@ def _object_lock(lock_url: str, *, stale_after: float, poll: float) -> Iterator[
         try:
             if fs.cat_file(path).split(b" ")[0] == token:
                 fs.rm_file(path)
-        except (FileNotFoundError, OSError):
+        except Exception:  # the store is gone (the error in flight says so): the lease expires by itself
             pass
+
+
+def _holder_is_dead(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """True (and the lock object deleted) when the lock's owner token names a process of this host
+    that no longer runs: its run failed while the store was down, or was killed, and could not
+    delete it. Holders on other hosts are judged by the heartbeat alone."""
+    import socket
+
+    import psutil
+
+    try:
+        host, pid = fs.cat_file(path).split(b" ")[0].decode().split(":")[:2]
+        if host != socket.gethostname() or psutil.pid_exists(int(pid)):
+            return False
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass  # released meanwhile
+    except (ValueError, UnicodeDecodeError):
+        return False  # not a token of ours: wait for it to go stale
+    return True
 
 
 class ShardedCachePlan:

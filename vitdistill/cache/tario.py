@@ -153,8 +153,8 @@ def iter_tar_samples(fileobj: IO[bytes], shard: str) -> Iterator[tuple[str, dict
     except EOFError:
         raise unreadable("truncated tar shard") from None
     except OSError as e:
-        if type(e) is not OSError:  # plain OSError is bz2's "Invalid data stream"; a network error is no shard's fault
-            raise
+        if type(e) is not OSError or e.errno is not None:  # bz2's "Invalid data stream" has no errno; an object
+            raise  # store's failure (s3fs: OSError(EBUSY), EIO ...) or a network error is no shard's fault
         raise unreadable("not a readable tar shard", str(e)) from None
     if key is not None:
         yield key, fields
@@ -236,6 +236,13 @@ class TarShardWriter:
     @property
     def bytes_written(self) -> int:
         return self._closed_size if self._closed_size is not None else self._fh.tell()
+
+    def discard(self) -> None:
+        """Close the file without finishing it (the caller deletes it): never writes, so it works on a full disk."""
+        try:
+            self._fh.close()
+        except OSError:  # the buffered tail could not be flushed (ENOSPC): the file is being deleted anyway
+            pass
 
     def close(self) -> None:
         end = self._fh.tell() + 2 * _BLOCK
