@@ -13,7 +13,8 @@ from prefect.futures import as_completed
 from tasks._common import Progress, artifact_key, check_stop, retry_on_io_only
 from vitdistill.config import OrchestrationConfig, VitdistillConfig
 from vitdistill.data.ingest import InputSet, resolve_inputs
-from vitdistill.extract import ExtractionPlan, extract_shard, extraction_report, finalize_cache, plan_extraction
+from vitdistill.extract import (ExtractionPlan, extract_shard, extraction_report, finalize_cache, finished_records,
+                                plan_extraction)
 from vitdistill.stages import StageResult
 from vitdistill.tracking import cache_lineage, get_tracker
 
@@ -92,6 +93,8 @@ def run_stage(config: VitdistillConfig, run_id: str, upstream: dict[str, dict]) 
     t0 = time.perf_counter()
     inputs = ingest(config)
     p = plan(config, inputs)
-    records = map_shards.with_options(task_runner=task_runner(config.orchestration))(p)
+    records = finished_records(ExtractionPlan.from_dict(p))  # a finished cache: no shard tasks to run
+    if records is None:
+        records = map_shards.with_options(task_runner=task_runner(config.orchestration))(p)
     manifest = finalize(p, records)
     return StageResult(**report(config, run_id, p, manifest, time.perf_counter() - t0))

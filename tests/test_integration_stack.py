@@ -184,23 +184,34 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
     # the UIs, rendered in headless Chromium
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium); UI check not run")
-    shots = Path(os.environ.get("VITDISTILL_SCREENSHOTS", work / "screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
-    pages = {
+    _screenshots(work, {
         "mlflow-run": (f"{stack['info']['mlflow_url']}/#/experiments/{exp.experiment_id}/runs/{by_name['extract'].info.run_id}",
                        ["extract", "images_per_s", "samples"]),
         "prefect-flow-run": (f"{stack['info']['prefect_url']}/runs/flow-run/{sub['flow_run_id']}",
                              [sub["flow_run_name"], "vitdistill-probe", "Completed"]),
-    }
+    })
+
+
+def _screenshots(work: Path, pages: dict[str, tuple[str, list[str]]]) -> dict[str, str]:
+    """Each page rendered in headless Chromium: its DOM must show every expected text, and its screenshot
+    (kept in $VITDISTILL_SCREENSHOTS, else under ``work``) must not be blank. Returns the DOMs."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); UI check not run")
+    shots = Path(os.environ.get("VITDISTILL_SCREENSHOTS", work / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    doms = {}
     for name, (url, expected) in pages.items():
         profile = ["--user-data-dir=" + str(work / f"chromium-{name}")]
         dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True,
-                             timeout=90).stdout
+                             timeout=120).stdout
+        (shots / f"{name}.html").write_text(dom)  # what was rendered, kept beside the screenshot
         for text in expected:
             assert text in dom, f"{name}: {text!r} not rendered"
         subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, *profile, f"--screenshot={shots / (name + '.png')}", url],
-                       capture_output=True, timeout=90)
+                       capture_output=True, timeout=120)
         assert (shots / f"{name}.png").stat().st_size > 10_000
+        doms[name] = dom
+    return doms
 
 
 def test_evaluate_then_the_report_deployment_through_the_servers(stack):
@@ -210,7 +221,9 @@ def test_evaluate_then_the_report_deployment_through_the_servers(stack):
     runlocal = str(ROOT / "configs/runlocal.yaml")
     data = ["--set", "data.source=wds", "--set", f"data.path=s3://{bucket}/in/train-000.tar",
             "--set", f"cache.root=s3://{bucket}/cache", "--set", "evaluate.severities=[1,3]"]
-    r = cli(["evaluate", "-c", runlocal, *data, "--json", str(work / "evaluate.json")], env, work, timeout=600)
+    r = cli(["evaluate", "-c", runlocal, *data, "--set", "distill.register_as=vitdistill-student",
+             "--set", "tracking.log_every_n_steps=1",
+             "--json", str(work / "evaluate.json")], env, work, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     evaluated = json.loads((work / "evaluate.json").read_text())
     parent = evaluated["mlflow_run_id"]
@@ -243,6 +256,29 @@ def test_evaluate_then_the_report_deployment_through_the_servers(stack):
     exp = client.get_run(parent).info.experiment_id
     link = f"{stack['info']['mlflow_url']}/#/experiments/{exp}/runs/{parent}/artifacts/report/report.html"
     assert link in str(by_key["vitdistill-report-link"].data)
+
+    # what a person sees in the UIs: the Prefect flow run of `vitdistill evaluate` with its stage graph
+    # (extract -> probe, distill -> evaluate), and the distill run in MLflow with its inputs (the dataset and
+    # the caches it read), its live curves, and the registered student with its aliases
+    flow_run_id = client.get_run(parent).data.tags["prefect.flow_run_id"]
+    distill = next(s for s in evaluated["stages"] if s["stage"] == "distill")["run_id"]
+    distill_run = client.get_run(distill)
+    inputs = [d.dataset.name for d in distill_run.inputs.dataset_inputs]
+    assert len(inputs) >= 2
+    version = client.get_model_version_by_alias("vitdistill-student", "champion")
+    assert version.run_id == distill and "candidate" in version.aliases
+    mlflow_url, prefect_url = stack["info"]["mlflow_url"], stack["info"]["prefect_url"]
+    doms = _screenshots(work, {
+        "prefect-flow-run-graph": (f"{prefect_url}/runs/flow-run/{flow_run_id}",
+                                   ["vitdistill-evaluate", "Completed"]),
+        "mlflow-distill-run": (f"{mlflow_url}/#/experiments/{exp}/runs/{distill}",
+                               ["distill", inputs[0], "vitdistill-student"]),
+        "mlflow-distill-curves": (f"{mlflow_url}/#/experiments/{exp}/runs/{distill}/model-metrics",
+                                  ["kd_loss", "step/loss"]),
+        "mlflow-model-aliases": (f"{mlflow_url}/#/models/vitdistill-student",
+                                 ["vitdistill-student", "champion", "candidate"]),
+    })
+    assert "Version 1" in doms["mlflow-model-aliases"] or "version 1" in doms["mlflow-model-aliases"].lower()
 
 
 def test_unreachable_servers_and_missing_deployments_are_one_line(stack):

@@ -20,7 +20,8 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SETS = ["lit.epochs=30", "distill.epochs=4", "distill.checkpoint_every=1"]
+# small teacher batches: extraction lasts long enough (on a fast machine) to be interrupted mid-stage
+SETS = ["lit.epochs=30", "distill.epochs=4", "distill.checkpoint_every=1", "teacher.batch_size=4"]
 
 
 def _cmd(json_path: Path) -> list[str]:

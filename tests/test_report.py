@@ -179,7 +179,9 @@ def test_report_flow_publishes_a_prefect_artifact(prefect_harness, evaluated):
     assert (evaluated["tmp"] / "flow-reports" / evaluated["parent"] / "report.html").exists()
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["vitdistill-report"])))
-    assert arts and arts[0].type == "markdown" and result["verdict"] in str(arts[0].data)
+    # the session's other pipelines publish reports too: this flow run's is one of them
+    assert any(a.type == "markdown" and result["verdict"] in str(a.data) and result["run_id"] in str(a.data)
+               for a in arts)
 
 
 # ----------------------------------------------------------------------------- a new evaluator is one registration

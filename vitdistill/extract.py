@@ -122,6 +122,18 @@ def load_record(plan: ExtractionPlan, index: int) -> dict | None:
     return record if _record_is_valid(plan, record) else None
 
 
+def finished_records(plan: ExtractionPlan) -> list[dict] | None:
+    """Every input shard's valid record (each marked reused) when the cache already has them all, else
+    None: a re-run over a finished cache then needs no shard tasks at all."""
+    records = []
+    for i in range(len(plan.inputs)):
+        record = load_record(plan, i)
+        if record is None:
+            return None
+        records.append({**record, "reused": True})
+    return records
+
+
 @dataclass
 class _Batch:
     keys: list[str]
