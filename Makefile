@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_teachers.py
 	$(BIN)/python benchmarks/bench_distill_quality.py --data shapes
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_cli.py
 
 clean:
 	rm -rf $(VENV) vitdistill-cache mlflow.db mlruns
