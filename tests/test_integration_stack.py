@@ -129,7 +129,7 @@ def test_deploy_submit_worker_mlflow_prefect_and_browser(stack):
     # MLflow (through the server): parent + children, tagged with the flow run and the deployment
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=stack["info"]["mlflow_url"])
+    client = MlflowClient(tracking_uri=stack["info"]["mlflow_url"], registry_uri=stack["info"]["mlflow_url"])
     exp = client.get_experiment_by_name("vitdistill")
     runs = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{sub['flow_run_id']}'")
     by_name = {r.info.run_name: r for r in runs}
@@ -241,7 +241,7 @@ def test_evaluate_then_the_report_deployment_through_the_servers(stack):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=stack["info"]["mlflow_url"])
+    client = MlflowClient(tracking_uri=stack["info"]["mlflow_url"], registry_uri=stack["info"]["mlflow_url"])
     assert {"report/report.html", "report/report.json"} <= {a.path for a in client.list_artifacts(parent, "report")}
     assert any(p.endswith("report/report.html") for p in fs.find(f"{bucket}/mlartifacts"))
 

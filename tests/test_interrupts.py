@@ -31,8 +31,11 @@ def _cmd(json_path: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "TQDM_DISABLE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PYTHONPATH": str(ROOT)}
+    """The embedded defaults (sqlite:///mlflow.db in the command's directory, an ephemeral Prefect API),
+    whatever servers the rest of the session pointed this process at."""
+    drop = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PREFECT_API_URL")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "TQDM_DISABLE": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
 
 
 def _running_stages(db: Path, before: frozenset[str] = frozenset()) -> set[str]:

@@ -259,3 +259,19 @@ def test_student_saved_as_json_and_safetensors_rebuilds_with_a_probe_head(tmp_pa
         a, b = student(x), restored(x)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert isinstance(restored.head, ProbeHead) != dist_token
+
+
+def test_the_fluent_api_leaves_no_tracking_uri_in_the_environment(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; the Tracker restores it, so the
+    subprocesses this process starts (torchrun, a CLI in a test) keep their own tracking URI."""
+    import os
+
+    from vitdistill.config import TrackingConfig
+    from vitdistill.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db"))
+    with tracker._fluent():
+        assert os.environ["MLFLOW_TRACKING_URI"] == tracker.uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ

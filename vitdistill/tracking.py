@@ -17,8 +17,9 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from vitdistill.config import TrackingConfig, VitdistillConfig, flatten, to_yaml
 from vitdistill.errors import ConfigError
@@ -235,9 +236,7 @@ class Tracker:
             classes = int(student.eval()(torch.from_numpy(example))["logits"].shape[-1])
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, side, side))]),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-        with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+        with self._fluent(), tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=pyfunc_student.__file__, artifacts=save_student(student, d),
                 signature=signature, input_example=example, registered_model_name=registered_model_name,
@@ -277,16 +276,34 @@ class Tracker:
             return version
         return str(current.version)
 
+    @contextmanager
+    def _fluent(self) -> Iterator[None]:
+        """MLflow's fluent API (``log_model``, ``load_model``) on this tracker's store. ``mlflow.set_tracking_uri``
+        also writes ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` into the environment, where every
+        subprocess this process starts would inherit them: the environment is restored afterwards."""
+        import mlflow
+
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def load_student(self, model_uri: str) -> Any:
         """A student :meth:`log_student` logged (``runs:/``, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``
         of this tracking server), as the torch module, without unpickling anything."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         try:
-            model = mlflow.pyfunc.load_model(model_uri)
+            with self._fluent():
+                model = mlflow.pyfunc.load_model(model_uri)
         except (MlflowException, OSError) as e:
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise ConfigError(f"student {model_uri!r}: cannot load it from {self.display_uri} ({reason})") from None
@@ -309,10 +326,9 @@ class Tracker:
             version = str(self.client.get_model_version_by_alias(name, alias).version)
         elif model_uri.startswith("models:/") and body.count("/") == 1:
             version = body.split("/")[1]
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         try:
-            model_id = getattr(get_model_info(model_uri), "model_id", None)
+            with self._fluent():
+                model_id = getattr(get_model_info(model_uri), "model_id", None)
         except MlflowException:
             model_id = None
         return model_id, version
@@ -331,8 +347,7 @@ class Tracker:
         import mlflow
         import mlflow.pytorch
 
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
+        with self._fluent(), mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
                                             pip_requirements=_requirements("transformers", "open_clip_torch"))
         return {"model_uri": info.model_uri}
