@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +44,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cli(args: list[str], env: dict, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``vitdistill ARGS`` as a user runs it: a subprocess, its output captured."""
+    return subprocess.run([sys.executable, "-m", "vitdistill_cli.main", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stack_up(work, env: dict, artifacts: str) -> tuple[dict, list[str]]:
+    """``vitdistill up`` on free ports, its state and sqlite backend store under ``work`` and its artifacts in
+    ``artifacts`` (a directory or s3://); returns ``up``'s JSON and the ``--set`` options that name the stack
+    (``vitdistill down`` takes them too)."""
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    sets = ["--set", f"orchestration.prefect_port={ports['prefect']}", "--set", f"orchestration.mlflow_port={ports['mlflow']}",
+            "--set", f"orchestration.state_dir={work}/state",
+            "--set", f"tracking.server_backend_store_uri=sqlite:///{work}/mlflow-server.db",
+            "--set", f"tracking.server_artifacts_destination={artifacts}"]
+    r = cli(["up", *sets, "--json", str(work / "up.json")], env, work, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads((work / "up.json").read_text()), sets
 
 
 @pytest.fixture(scope="session")

@@ -16,19 +16,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import cli, free_port, stack_up
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNLOCAL = str(ROOT / "configs/runlocal.yaml")
-
-
-def cli(args: list[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitdistill_cli.main", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -460,15 +456,8 @@ def _until(what: str, check, timeout: float, poll: float = 1.0):
 @pytest.mark.slow
 def test_prefect_server_dying_mid_flow_run_crashes_it_and_a_resubmission_completes(tmp_path):
     work = tmp_path
-    ports = {"prefect": free_port(), "mlflow": free_port()}
     env = base_env(PREFECT_HOME=str(work / "prefect-home"))
-    sets = ["--set", f"orchestration.prefect_port={ports['prefect']}", "--set", f"orchestration.mlflow_port={ports['mlflow']}",
-            "--set", f"orchestration.state_dir={work}/state",
-            "--set", f"tracking.server_backend_store_uri=sqlite:///{work}/mlflow-server.db",
-            "--set", f"tracking.server_artifacts_destination={work}/mlartifacts"]
-    r = cli(["up", *sets, "--json", str(work / "up.json")], env, work, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    info = json.loads((work / "up.json").read_text())
+    info, sets = stack_up(work, env, f"{work}/mlartifacts")
     pids = {p["name"]: p for p in info["processes"]}
     client_env = {**env, "PREFECT_API_URL": info["prefect_api_url"], "MLFLOW_TRACKING_URI": info["mlflow_url"]}
     run_sets = ["-c", RUNLOCAL, "--set", f"cache.root={work}/cache", "--set", "distill.epochs=8",
@@ -493,7 +482,7 @@ def test_prefect_server_dying_mid_flow_run_crashes_it_and_a_resubmission_complet
 
         restarted = subprocess.Popen(  # the server back, on the same database (PREFECT_HOME)
             [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-             "--port", str(ports["prefect"])], env=env, stdout=open(work / "prefect-again.log", "ab"),
+             "--port", str(urlparse(info["prefect_url"]).port)], env=env, stdout=open(work / "prefect-again.log", "ab"),
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         _wait_http(f"{info['prefect_api_url']}/health", restarted)
         state = _until("the first run's final state", lambda: (s := _prefect(client_env, lambda c: c.read_flow_run(

@@ -9,26 +9,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import cli, free_port, stack_up
 from tests.test_extract import write_wds
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-VITDISTILL = [sys.executable, "-m", "vitdistill_cli.main"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--virtual-time-budget=15000", "--window-size=1400,900"]
-
-
-def cli(args, env, cwd, timeout=300):
-    return subprocess.run(VITDISTILL + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +45,11 @@ def stack(tmp_path_factory, s3_server):
     write_wds(local, 60, classes=3)
     fs.put_file(str(local), f"{bucket}/in/train-000.tar")
 
-    ports = {"prefect": free_port(), "mlflow": free_port()}
     env = {**os.environ, **creds, "PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "TQDM_DISABLE": "1", "COLUMNS": "200"}
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
-    sets = ["--set", f"orchestration.prefect_port={ports['prefect']}", "--set", f"orchestration.mlflow_port={ports['mlflow']}",
-            "--set", f"orchestration.state_dir={work}/state",
-            "--set", f"tracking.server_backend_store_uri=sqlite:///{work}/mlflow-server.db",
-            "--set", f"tracking.server_artifacts_destination=s3://{bucket}/mlartifacts"]
-    r = cli(["up", *sets, "--json", str(work / "up.json")], env, work, timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    info = json.loads((work / "up.json").read_text())
+    info, sets = stack_up(work, env, f"s3://{bucket}/mlartifacts")
     client_env = {**env, "PREFECT_API_URL": info["prefect_api_url"], "MLFLOW_TRACKING_URI": info["mlflow_url"]}
     try:
         yield {"env": client_env, "work": work, "info": info, "bucket": bucket, "fs": fs, "sets": sets, "secret": secret}
