@@ -115,6 +115,7 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, bytes]) ->
     """The whole report page. ``figures`` (PNG bytes, each optional): ``headline``, each evaluator's declared
     plots by name (``reliability``, ``robustness``, ...), ``data_efficiency`` and ``curves/<stage>``."""
     distill = run.stages.get("distill")
+    teachers = teacher_rows(run)
     logged: dict[str, list[tuple[str, bytes]]] = {}
     for name, s in run.stages.items():
         for path, png in sorted(s.figures.items()):
@@ -126,7 +127,7 @@ def render_html(run: PipelineRun, rows: list[Row], figures: dict[str, bytes]) ->
         figures=figures, logged=logged,
         data_efficiency=distill.tables.get("distill_data_efficiency", []) if distill and figures.get("data_efficiency")
         else [],
-        teachers=teacher_rows(run), teacher_columns=shown_columns(teacher_rows(run)),
+        teachers=teachers, teacher_columns=shown_columns(teachers),
     )
 
 
