@@ -2,6 +2,7 @@
 
     fc = FeatureCache.open("vitdistill-cache/features/effnet_lite0_imagenet-0123abcd")
     train = fc.load(split="train")      # {"key": [...], "emb": (N, D) float32, "cls": (N,), ...}
+    big = fc.load(split="train", spill_dir=tmp)   # the same, arrays as read-only float16 memory maps
     for sample in fc.iter_samples():    # streaming, one dict per sample
         ...
 
@@ -13,6 +14,7 @@ pickle-format fields.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -120,11 +122,19 @@ class FeatureCache:
             return self.num_samples
         return (self.manifest.get("split") or {}).get("counts", {}).get(split)
 
-    def load(self, split: str | None = None) -> dict[str, Any]:
+    def load(self, split: str | None = None, *, spill_dir: str | None = None) -> dict[str, Any]:
         """Materialise a split as arrays: emb (N, D) float32; logits (N, C); cls (N,) int64 or None;
         txt list or None; key list; split list; meta list or None. The arrays are filled in place as the
-        shards stream by (sized from the manifest's split counts), so the peak is the arrays themselves."""
+        shards stream by (sized from the manifest's split counts), so the peak is the arrays themselves.
+
+        With ``spill_dir`` (a local directory) the arrays are written there instead, as ``.npy`` files in
+        the dtype the cache stores them in (float16 by default: half of float32), and come back as read-only
+        memory maps: resident memory stays flat whatever N, and the page cache holds what is being read.
+        This is how caches larger than memory are probed and aligned (chunked readers never copy them
+        whole)."""
         n = self.split_size(split)
+        if spill_dir is not None and n is None:  # a memory map needs its length up front: count first
+            n = sum(1 for _ in self.iter_samples(split))
         arrays: dict[str, np.ndarray] = {}
         lists: dict[str, list] = {"key": [], "split": [], "txt": [], "meta": []}
         cls: list[int] = []
@@ -140,7 +150,13 @@ class FeatureCache:
                 filled[name] += 1
                 if name not in arrays:
                     shape = (n if n is not None else 1024, *r[name].shape)
-                    arrays[name] = np.empty(shape, np.float32 if name in ("emb", "layers") else r[name].dtype)
+                    if spill_dir is not None:
+                        path = os.path.join(spill_dir, f"{split or 'all'}-{name}.npy")
+                        arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=r[name].dtype, shape=shape)
+                    else:
+                        arrays[name] = np.empty(shape, np.float32 if name in ("emb", "layers") else r[name].dtype)
+                if i >= len(arrays[name]) and spill_dir is not None:
+                    raise CacheError(f"{self.cache_dir}: split {split!r} holds more samples than the manifest's {n}")
                 if i >= len(arrays[name]):  # the manifest gave no count: grow geometrically
                     arrays[name] = np.concatenate([arrays[name], np.empty_like(arrays[name])])
                 arrays[name][i] = r[name]
@@ -157,7 +173,14 @@ class FeatureCache:
             where = f"split {split!r}" if split else "the cache"
             raise DataError(f"{self.cache_dir}: {where} has no samples")
         out: dict[str, Any] = {"key": lists["key"], "split": lists["split"]}
+        if spill_dir is not None and i != n:
+            raise CacheError(f"{self.cache_dir}: split {split!r} holds {i} samples but the manifest says {n}")
         for name in ARRAY_FIELDS:
+            if spill_dir is not None and name in arrays:
+                arrays[name].flush()
+                path = arrays[name].filename
+                del arrays[name]
+                arrays[name] = np.load(path, mmap_mode="r")  # read-only from here on
             out[name] = arrays[name][:i] if filled.get(name) == i else None
         out["cls"] = np.array(cls, dtype=np.int64) if has["cls"] else None
         out["txt"] = lists["txt"] if has["txt"] else None
