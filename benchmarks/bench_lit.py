@@ -46,7 +46,7 @@ def step(model, loss_fn, feats, opt, emb: torch.Tensor, text_ids: torch.Tensor, 
 
 
 def cached_epoch(model, loss_fn, feats, opt, data, batch_size: int) -> float:
-    emb, ids = torch.from_numpy(data.train.emb), torch.from_numpy(data.train.options[:, 0])
+    emb, ids = torch.from_numpy(data.train.embeddings()), torch.from_numpy(data.train.options[:, 0])
     groups = torch.from_numpy(data.text_groups)
     t0 = time.perf_counter()
     for i in range(0, len(emb), batch_size):

@@ -362,3 +362,51 @@ def test_lit_on_real_shapes_cache(shapes_cache):
         assert 0.0 <= r1 <= r5 <= r10 <= 1.0
     assert report.split_sizes["train"] == len(data.train) and report.split_sizes["test_heldout_combos"] > 0
     assert len(report.history) == LitConfig().epochs and report.metrics["temperature"] > 0
+
+
+def test_recall_at_k_in_chunks_matches_the_whole_matrix(monkeypatch):
+    """Retrieval streamed over image chunks (each a few rows of the similarity matrix) gives exactly the
+    ranks of the whole (N, U) matrix, computed here the direct way."""
+    import vitdistill.lit.evaluate as ev
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(300, 16)).astype(np.float32)
+    txt = rng.normal(size=(40, 16)).astype(np.float32)
+    text_of_image = rng.integers(0, 35, size=300)  # texts 35..39 are distractors only
+    sim = img @ txt.T
+    own = sim[np.arange(300), text_of_image]
+    i2t = (sim > own[:, None]).sum(1)
+    best = np.full(40, -np.inf)
+    np.maximum.at(best, text_of_image, own)
+    queried = np.unique(text_of_image)
+    t2i = (sim[:, queried] > best[queried][None, :]).sum(0)
+    want = {f"i2t_r{k}": float(np.mean(i2t < k)) for k in (1, 5)} | {f"t2i_r{k}": float(np.mean(t2i < k)) for k in (1, 5)}
+    whole = recall_at_k(img, txt, text_of_image, ks=(1, 5))
+    monkeypatch.setattr(ev, "SIM_ELEMENTS", 7 * 40)  # chunks of 7 images
+    chunked = recall_at_k(img, txt, text_of_image, ks=(1, 5))
+    assert whole == chunked == pytest.approx(want)
+    assert 0 < want["i2t_r1"] < 1 and 0 < want["t2i_r1"] < 1  # the ranks are not trivial
+
+
+def test_lit_data_spilled_to_disk_is_a_float16_memory_map_with_the_same_batches(tmp_path, shapes_cache):
+    """With a spill directory the embeddings are one memory map, in the cache's stored dtype, that every split
+    indexes by its rows; the batches it gives are the in-memory ones."""
+    from vitdistill.lit.train import LitBatches
+
+    mem = load_lit_data(shapes_cache)
+    spilled = load_lit_data(shapes_cache, spill_dir=str(tmp_path))
+    from vitdistill.cache.reader import FeatureCache
+
+    stored = next(FeatureCache.open(shapes_cache).iter_samples())["emb"].dtype  # the cache's own dtype
+    assert isinstance(spilled.train.emb, np.memmap) and spilled.train.emb.dtype == stored
+    assert mem.train.emb.dtype == np.float32 and not isinstance(mem.train.emb, np.memmap)
+    assert spilled.train.emb is spilled.test.emb  # one map for the whole cache, no copy per split
+    assert list(tmp_path.glob("*.npy")) and not spilled.train.emb.flags.writeable
+    for name in ("train", "val", "test"):
+        a, b = getattr(mem, name), getattr(spilled, name)
+        assert len(a) == len(b) > 0 and (a.rows == b.rows).all()
+        np.testing.assert_array_equal(a.embeddings(), b.embeddings())
+    batches = [LitBatches(d.train, 64, seed=3) for d in (mem, spilled)]
+    for x, y in zip(batches[0].batches(1), batches[1].batches(1)):
+        assert x["input"].dtype == y["input"].dtype == torch.float32
+        assert torch.equal(x["input"], y["input"]) and torch.equal(x["text_ids"], y["text_ids"])

@@ -1,7 +1,7 @@
 """LiT inputs from a feature cache: locked image embeddings paired with texts.
 
-    data = load_lit_data(cache_dir, holdout_combos=True)
-    data.train.emb            # (N, D) float32, the locked image tower's embeddings
+    data = load_lit_data(cache_dir, holdout_combos=True, spill_dir=tmp)
+    data.train.embeddings(idx)   # (B, D) float32: rows of the locked image tower's embeddings
     data.train.options        # (N, K) ids into data.texts: the captions a sample may be paired with
     data.prompt_ids           # (C, T) ids into data.texts: class-name prompts for zero-shot
 
@@ -10,6 +10,11 @@ cache without captions gets CLIP-style captions from its class names: each sampl
 its class name in every prompt template, and training draws one per epoch. Val pairs each sample
 with option ``i % K`` (fixed, so val loss is comparable across epochs); test pairs it with the
 first template, so test retrieval on generated captions is class-level matching against C texts.
+
+The embeddings are read in one pass over the cache. With ``spill_dir`` they stay on disk, a float16
+memory map of the whole cache that every split indexes by its ``rows`` (no copy per split, none for
+the hold-out), and batches are gathered from it as float32: memory does not grow with N beyond the
+per-sample keys, labels and text ids.
 
 Which pairs are positives is decided by ``text_groups``: each distinct text is its own group
 when captions come from the cache (so identical captions match each other), and all prompts of a
@@ -71,14 +76,24 @@ def class_prompts(classes: list[str], templates: tuple[str, ...]) -> list[list[s
 @dataclass
 class LitSplit:
     keys: list[str]
-    emb: np.ndarray  # (N, D) float32
+    emb: np.ndarray  # (M, D) the whole cache's embeddings (float32, or a float16 memory map); shared by the splits
+    rows: np.ndarray  # (N,) int64: this split's rows of ``emb``
     options: np.ndarray  # (N, K) int64 ids into LitData.texts
     cls: np.ndarray | None  # (N,) int64
     heldout: np.ndarray | None  # (N,) bool: (colour, shape) in HELDOUT_COMBOS; None without meta
     meta: list[dict] | None
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return int(self.emb.shape[1])
+
+    def embeddings(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """(len(idx), D) float32: the split's samples ``idx`` (positions in this split; all when None)."""
+        rows = self.rows if idx is None else self.rows[np.asarray(idx)]
+        return np.asarray(self.emb[rows], dtype=np.float32)
 
     def fixed_text_ids(self) -> np.ndarray:
         """(N,) the option ``i % K`` of each sample: a fixed pairing for val loss and test retrieval."""
@@ -141,7 +156,7 @@ def _take(d: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
     idx = np.flatnonzero(keep)
     out = {}
     for name, v in d.items():
-        if v is None or name in ("logits", "logits_topk", "logits_idx"):
+        if v is None or name in ("emb", "layers", "logits", "logits_topk", "logits_idx"):
             out[name] = None
         elif isinstance(v, np.ndarray):
             out[name] = v[idx]
@@ -150,9 +165,11 @@ def _take(d: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def load_lit_data(cache_dir: str, holdout_combos: bool = True) -> LitData:
+def load_lit_data(cache_dir: str, holdout_combos: bool = True, spill_dir: str | None = None) -> LitData:
     fc = FeatureCache.open(cache_dir)
-    everything = fc.load()
+    everything = fc.load(spill_dir=spill_dir)
+    emb = everything["emb"]
+    everything["rows"] = np.arange(len(emb), dtype=np.int64)
     split_of = np.array(everything["split"])
     raw = {s: _take(everything, split_of == s) for s in ("train", "val", "test")}
     for s in ("train", "test"):
@@ -188,7 +205,7 @@ def load_lit_data(cache_dir: str, holdout_combos: bool = True) -> LitData:
             options = prompt_ids[d["cls"], :1]  # (N, 1): the first template, a canonical caption
         else:
             options = prompt_ids[d["cls"]]  # (N, T)
-        splits[name] = LitSplit(keys=d["key"], emb=d["emb"], options=options, cls=d["cls"] if has_cls else None,
+        splits[name] = LitSplit(keys=d["key"], emb=emb, rows=d["rows"], options=options, cls=d["cls"] if has_cls else None,
                                 heldout=held, meta=d["meta"])
     if len(splits["train"]) < 2:
         raise DataError(f"{cache_dir}: {len(splits['train'])} training sample(s) after the hold-out; "

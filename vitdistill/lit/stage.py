@@ -7,10 +7,16 @@ The image tower is locked: its embeddings are read from the cache and never reco
 tower (or, frozen, only its head), the image projection head and the temperature are trained on
 train (with the shapes hold-out applied, see :mod:`vitdistill.lit.data`); val gives a loss curve;
 test is read once for zero-shot classification and retrieval.
+
+The cache's embeddings are memory-mapped from a temporary spill (float16, under $TMPDIR) for the
+length of the run, batches are gathered from it, and the test split is embedded and scored in chunks
+of ``EVAL_CHUNK`` (retrieval never holds the (N, U) similarity matrix), so memory stays flat as the
+cache grows.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -20,7 +26,7 @@ from torch import nn
 
 from vitdistill.config import LitConfig, TrackingConfig
 from vitdistill.lit.data import LitData, load_lit_data
-from vitdistill.lit.evaluate import recall_at_k, zeroshot_classifier, zeroshot_predict
+from vitdistill.lit.evaluate import recall_at_k_chunks, zeroshot_classifier, zeroshot_predict
 from vitdistill.lit.losses import create_lit_loss
 from vitdistill.lit.model import LitModel
 from vitdistill.lit.plots import loss_curve_figure
@@ -33,6 +39,7 @@ from vitdistill.seeding import seeded
 from vitdistill.tracking import cache_lineage
 
 RETRIEVAL_KS = (1, 5, 10)
+EVAL_CHUNK = 8192  # test images embedded and scored at a time
 
 
 @dataclass
@@ -56,17 +63,15 @@ def build_lit_model(cfg: LitConfig, data: LitData) -> tuple[LitModel, nn.Module]
         tower = create_text_tower(cfg.text_tower, corpus=corpus, max_length=cfg.max_text_length,
                                   width=cfg.scratch_width, layers=cfg.scratch_layers, heads=cfg.scratch_heads,
                                   checkpoint=cfg.text_checkpoint)
-        model = LitModel(tower, image_dim=data.train.emb.shape[1], embed_dim=cfg.embed_dim,
+        model = LitModel(tower, image_dim=data.train.dim, embed_dim=cfg.embed_dim,
                          text_head=cfg.text_head, image_head=cfg.image_head)
         loss_fn = create_lit_loss(cfg.loss, init_temperature=cfg.init_temperature, init_bias=cfg.init_bias)
     return model, loss_fn
 
 
-def zeroshot_metrics(img: np.ndarray, cls: np.ndarray, classifier: np.ndarray,
+def zeroshot_metrics(pred: np.ndarray, cls: np.ndarray, c: int,
                      heldout: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
-    """img (N, E), cls (N,), classifier (C, E), heldout (N,) bool or None -> metrics, (C, C) confusion."""
-    pred = zeroshot_predict(img, classifier)  # (N,)
-    c = classifier.shape[0]
+    """pred (N,) zero-shot classes, cls (N,), c classes, heldout (N,) bool or None -> metrics, (C, C) confusion."""
     cm = confusion_matrix(cls, pred, c)
     out = {"zeroshot_top1": float(np.mean(pred == cls)), "zeroshot_mean_per_class_recall": mean_per_class_recall(cm),
            "chance_top1": 1.0 / c}
@@ -82,7 +87,13 @@ def run_lit(cache_dir: str, cfg: LitConfig, *, progress: bool = True,
             tracking: TrackingConfig | None = None) -> LitReport:
     """Train and evaluate LiT on ``cache_dir``. With ``run_id`` and ``tracking``, the training is logged
     to that MLflow run as it goes (:func:`vitdistill.live.live_callbacks`)."""
-    data = load_lit_data(cache_dir, holdout_combos=cfg.holdout_combos)
+    with tempfile.TemporaryDirectory(prefix="vitdistill-lit-") as spill:  # the embeddings, memory-mapped
+        data = load_lit_data(cache_dir, holdout_combos=cfg.holdout_combos, spill_dir=spill)
+        return _train_and_evaluate(data, cfg, progress=progress, on_epoch=on_epoch, run_id=run_id, tracking=tracking)
+
+
+def _train_and_evaluate(data: LitData, cfg: LitConfig, *, progress: bool, on_epoch: Callable[[dict], None] | None,
+                        run_id: str | None, tracking: TrackingConfig | None) -> LitReport:
     model, loss_fn = build_lit_model(cfg, data)
     frozen = model.text_tower.pretrained and cfg.freeze_text
     t0 = time.perf_counter()
@@ -93,10 +104,14 @@ def run_lit(cache_dir: str, cfg: LitConfig, *, progress: bool = True,
     train_seconds = time.perf_counter() - t0
 
     test = data.test
-    img = embed_images(model, test.emb)  # (N, E)
     text_ids = test.fixed_text_ids()  # (N,)
     distinct, text_of_image = np.unique(text_ids, return_inverse=True)
-    retrieval = recall_at_k(img, embed_text_ids(model, feats, distinct), text_of_image, RETRIEVAL_KS)
+    parts = [np.arange(a, min(a + EVAL_CHUNK, len(test))) for a in range(0, len(test), EVAL_CHUNK)]
+
+    def image_chunks():  # the test images in the joint space, chunk by chunk: (n, E), their caption ids (n,)
+        return ((embed_images(model, test, idx), text_of_image[idx]) for idx in parts)
+
+    retrieval = recall_at_k_chunks(image_chunks, embed_text_ids(model, feats, distinct), RETRIEVAL_KS)
     metrics: dict[str, float] = {f"retrieval_{k}": v for k, v in retrieval.items()}
     metrics["retrieval_texts"] = float(len(distinct))
     last = history[-1]
@@ -111,7 +126,8 @@ def run_lit(cache_dir: str, cfg: LitConfig, *, progress: bool = True,
     headline = f"LiT {kind}:"
     if data.classes is not None and test.cls is not None:
         classifier = zeroshot_classifier(embed_text_ids(model, feats, data.prompt_ids))  # (C, E)
-        zs, cm = zeroshot_metrics(img, test.cls, classifier, test.heldout)
+        pred = np.concatenate([zeroshot_predict(img, classifier) for img, _ in image_chunks()])  # (N,)
+        zs, cm = zeroshot_metrics(pred, test.cls, len(classifier), test.heldout)
         metrics.update(zs)
         tables["per_class"] = per_class_table(cm, data.classes)
         tables["prompts"] = [{"template": t} for t in data.templates]

@@ -101,10 +101,11 @@ def split_loss(model: LitModel, loss_fn: nn.Module, feats: TextFeatures, split: 
                batch_size: int) -> dict[str, float]:
     """Mean loss dict over a split in fixed order with fixed captions (sample-weighted)."""
     model.eval()
-    emb, ids = torch.from_numpy(split.emb), torch.from_numpy(split.fixed_text_ids())
+    ids = torch.from_numpy(split.fixed_text_ids())
     sums: dict[str, float] = defaultdict(float)
     for idx in _batches(len(split), batch_size, torch.arange(len(split))):
-        for k, v in batch_loss(model, loss_fn, feats, emb[idx], ids[idx], groups).items():
+        emb = torch.from_numpy(split.embeddings(idx.numpy()))  # (B, D)
+        for k, v in batch_loss(model, loss_fn, feats, emb, ids[idx], groups).items():
             sums[k] += float(v) * len(idx)
     return {k: v / len(split) for k, v in sums.items()}
 
@@ -136,11 +137,11 @@ class LitBatches:
     from a generator seeded by (seed, e), so a batch is a function of (epoch, position)."""
 
     def __init__(self, split: LitSplit, batch_size: int, seed: int) -> None:
-        self.emb, self.options = torch.from_numpy(split.emb), torch.from_numpy(split.options)  # (N, D), (N, K)
+        self.split, self.options = split, torch.from_numpy(split.options)  # (N, K)
         self.batch_size, self.seed = batch_size, seed
 
     def __len__(self) -> int:
-        return max(1, math.ceil(len(self.emb) / self.batch_size))
+        return max(1, math.ceil(len(self.split) / self.batch_size))
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         n, k = self.options.shape
@@ -148,7 +149,7 @@ class LitBatches:
         order = torch.randperm(n, generator=gen)
         text_ids = self.options[torch.arange(n), torch.randint(k, (n,), generator=gen)]  # (N,) one caption each
         for idx in _batches(n, self.batch_size, order)[start:]:
-            yield {"input": self.emb[idx], "text_ids": text_ids[idx]}
+            yield {"input": torch.from_numpy(self.split.embeddings(idx.numpy())), "text_ids": text_ids[idx]}
 
 
 class LitValidation(Callback):
@@ -206,7 +207,7 @@ def embed_text_ids(model: LitModel, feats: TextFeatures, ids: np.ndarray) -> np.
 
 
 @torch.no_grad()
-def embed_images(model: LitModel, emb: np.ndarray) -> np.ndarray:
-    """Joint-space image embeddings: (N, D) locked embeddings -> (N, E) float32 unit vectors."""
+def embed_images(model: LitModel, split: LitSplit, idx: np.ndarray | None = None) -> np.ndarray:
+    """Joint-space image embeddings of a split's samples ``idx`` (all when None): (n, E) float32 unit vectors."""
     model.eval()
-    return model.encode_image(torch.from_numpy(emb)).numpy()
+    return model.encode_image(torch.from_numpy(split.embeddings(idx))).numpy()
