@@ -59,6 +59,58 @@ def test_truncated_gzip_shard_gives_all_samples_or_an_error(tmp_path):
     assert errors > len(data) // 2
 
 
+
+def _tarfile_reference(data: bytes) -> list[tuple[str, dict[str, bytes]]]:
+    """What a plain tarfile read gives, grouped into samples the webdataset way."""
+    import tarfile
+
+    out: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, field = m.name.split("/")[-1].split(".", 1)
+            key = "/".join(m.name.split("/")[:-1] + [key])
+            if not out or out[-1][0] != key:
+                out.append((key, {}))
+            out[-1][1][field] = tar.extractfile(m).read()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_the_tar_parser_reads_what_tarfile_reads(fmt):
+    """Shards from other tools: long names (GNU long-name and PAX headers, a POSIX ustar prefix), directories,
+    symlinks, non-ASCII names, empty members; samples are exactly tarfile's, also after it takes over from
+    the fast parser mid-shard, and a cut after that point still fails."""
+    import tarfile
+
+    buf = io.BytesIO()
+    format = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}[fmt]
+    names = ["a.png", "a.cls", "dir/b.png", "dir/b.json", "d" * 80 + "/" + "e" * 60 + ".png",  # ustar: a prefix
+             "caf\u00e9.png", "empty.txt"]
+    if fmt != "ustar":
+        names.insert(4, "x" * 150 + ".png")  # needs a long-name / PAX header: tarfile reads the rest
+        names.append("z.png")
+    with tarfile.open(fileobj=buf, mode="w", format=format) as tar:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+        tar.addfile(link)
+        for i, name in enumerate(names):
+            payload = bytes([i]) * (0 if name.startswith("empty") else 700 * i + 1)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    data = buf.getvalue()
+    got = list(iter_tar_samples(io.BytesIO(data), "a.tar"))
+    assert got == _tarfile_reference(data) and len(got) == len(names) - 2  # a.* and dir/b.* are one sample each
+    end = len(data.rstrip(b"\0"))
+    with pytest.raises(UnreadableShardError, match=r"^a\.tar: (truncated|not a readable)"):
+        list(iter_tar_samples(io.BytesIO(data[: end - 1]), "a.tar"))
+
+
 # --------------------------------------------------------------------------- data.path shard lists
 
 
