@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from vitdistill.errors import ConfigError, DataError
-from vitdistill.probes.inputs import check_positive_ints, check_split, check_splits, resolve_num_classes, unit_rows
+from vitdistill.probes.inputs import (
+    check_positive_ints,
+    check_split,
+    check_splits,
+    resolve_num_classes,
+    row_chunks,
+    unit_rows,
+)
 
 
 @dataclass
@@ -86,8 +93,12 @@ def knn_votes(
 
 
 def device_rows(x: np.ndarray, rows: slice, dev: torch.device) -> torch.Tensor:
-    """Rows of ``x`` L2-normalised (in float64, as one row at a time would be), as float32 on ``dev``."""
-    return torch.from_numpy(unit_rows(x, rows)).float().to(dev)  # (n, D)
+    """Rows of ``x`` L2-normalised (in float64, a sub-chunk of ``row_chunks`` at a time, so the float64
+    temporaries stay small whatever ``rows`` spans), as float32 on ``dev``."""
+    out = np.empty((rows.stop - rows.start, x.shape[1]), np.float32)  # (n, D)
+    for part in row_chunks(len(out), x.shape[1]):
+        out[part] = unit_rows(x, slice(rows.start + part.start, rows.start + part.stop))
+    return torch.from_numpy(out).to(dev)
 
 
 def knn_probe(
