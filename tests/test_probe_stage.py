@@ -98,3 +98,21 @@ def test_probe_per_layer_and_on_all_layers_picks_the_best_on_val(make_cfg):
     assert m["best_layer"] == int(best["layer"])
     assert m["best_layer_linear_top1"] == m[f"layer{best['layer']}_linear_top1"] == pytest.approx(best["test_top1"], abs=1e-4)
     assert "best layer" in report.headline
+
+
+def test_probe_stage_on_spilled_memory_maps_equals_the_probes_in_memory(make_cfg):
+    """probe_cache reads float16 memory maps; the same probes on fc.load()'s float32 arrays agree."""
+    from vitdistill.probes import fewshot_probe, knn_probe, linear_probe
+
+    cache = cache_of(make_cfg("data.limit=200"))
+    report = probe_cache(cache, FAST_PROBE)
+    fc = FeatureCache.open(cache)
+    (xtr, ytr), (xva, yva), (xte, yte) = [(d["emb"], d["cls"]) for d in (fc.load(s) for s in ("train", "val", "test"))]
+    assert xtr.dtype == np.float32
+    c = len(fc.classes)
+    knn = knn_probe(xtr, ytr, xte, yte, ks=(5,), num_classes=c)
+    few = fewshot_probe(xtr, ytr, xva, yva, xte, yte, shots=(1, 5), seeds=(0, 1), num_classes=c)
+    lin = linear_probe(xtr, ytr, xva, yva, xte, yte, num_classes=c)
+    assert report.metrics["knn5_top1"] == knn.top1[5] and report.metrics["knn5_top5"] == knn.top5[5]
+    assert all(report.metrics[f"fewshot_{k}shot_top1"] == v for k, v in few.mean_top1.items())
+    assert report.metrics["linear_top1"] == lin.top1 and report.metrics["linear_chosen_l2"] == lin.chosen_l2

@@ -393,3 +393,94 @@ def test_confusion_figure_annotates_small_matrices_without_pyplot_state(tmp_path
     assert plt.get_fignums() == []
     with pytest.raises(DataError, match="class_names: 1 names; expected 2"):
         confusion_figure(np.eye(2), ["a"], "bad")
+
+
+# ---------------------------------------------------------------------------- memory-mapped features
+
+
+def spilled(tmp_path, name: str, x: np.ndarray) -> np.ndarray:
+    """``x`` as a read-only float16 memory map, as ``FeatureCache.load(spill_dir=...)`` returns it."""
+    out = np.lib.format.open_memmap(tmp_path / f"{name}.npy", mode="w+", dtype=np.float16, shape=x.shape)
+    out[:] = x
+    out.flush()
+    del out
+    return np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+
+
+def half_splits(tmp_path, **kw):
+    """splits() rounded to float16: as memory maps, and the same values as float32 arrays in memory."""
+    data = splits(**kw)
+    maps = [spilled(tmp_path, f"x{i}", a) if i % 2 == 0 else a for i, a in enumerate(data)]
+    same = [np.asarray(m, dtype=np.float32) if i % 2 == 0 else m for i, m in enumerate(maps)]
+    return maps, same
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """A few rows per chunk, so that every chunked reader loops over several chunks."""
+    import vitdistill.probes.inputs as inputs
+
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", 8 * 8 * 7)  # 7 rows of 8 float64
+
+
+def test_check_split_keeps_a_memory_map_and_counts_bad_rows_per_chunk(tmp_path, tiny_chunks):
+    from vitdistill.probes.inputs import check_split
+
+    x = spilled(tmp_path, "x", splits()[0])
+    s = check_split("train", x, np.zeros(len(x), dtype=np.int64))
+    assert isinstance(s.x, np.memmap) and np.shares_memory(s.x, x)  # validated without a copy
+    bad = splits()[0].copy()
+    bad[[3, 20, 21]] = np.inf  # rows in two different chunks of 7
+    bad[3, 0] = np.nan
+    with pytest.raises(DataError, match="train: 3 of 240 feature rows contain NaN or inf; expected finite features"):
+        check_split("train", spilled(tmp_path, "bad", bad), np.zeros(len(bad), dtype=np.int64))
+
+
+def test_knn_on_a_float16_memory_map_equals_the_same_values_in_memory(tmp_path):
+    maps, same = half_splits(tmp_path, num_classes=5, spread=2.0)
+    args = dict(ks=(1, 5, 20), chunk_size=17, bank_chunk=50)  # several query chunks against several bank parts
+    mapped = knn_probe(maps[0], maps[1], maps[4], maps[5], **args)
+    memory = knn_probe(same[0], same[1], same[4], same[5], **args)
+    whole = knn_probe(same[0], same[1], same[4], same[5], ks=(1, 5, 20), chunk_size=10_000, bank_chunk=10_000)
+    for r in (mapped, whole):
+        assert r.top1 == memory.top1 and r.top5 == memory.top5
+        assert all(np.array_equal(r.test_pred[k], memory.test_pred[k]) for k in (1, 5, 20))
+
+
+def test_fewshot_on_a_float16_memory_map_equals_the_whole_array_computation(tmp_path, tiny_chunks):
+    from vitdistill.probes.inputs import l2_normalize
+
+    maps, same = half_splits(tmp_path, num_classes=4, spread=2.0)
+    args = dict(shots=(1, 5), seeds=(0, 1))
+    mapped, memory = fewshot_probe(*maps, **args), fewshot_probe(*same, **args)
+    assert mapped.top1 == memory.top1 and mapped.val_top1_by_l2 == memory.val_top1_by_l2
+    assert mapped.chosen_l2 == memory.chosen_l2
+    # the whole-array reference: normalise every split at once, fit the sample, score all of val and test
+    xtr, ytr, xva, yva, xte, yte = (a.astype(np.float64) if i % 2 == 0 else a for i, a in enumerate(same))
+    xtr, xva, xte = l2_normalize(xtr), l2_normalize(xva), l2_normalize(xte)
+    for (k, seed), rows in mapped.train_indices.items():
+        fit = ridge_eigen(xtr[rows], pm_one_targets(ytr[rows], 4))
+        l2 = mapped.chosen_l2[k]
+        assert mapped.top1[(k, seed)] == np.mean(fit.scores(fit.project(xte), l2).argmax(axis=1) == yte)
+
+
+def test_linear_probe_on_a_float16_memory_map_equals_the_same_values_in_memory(tmp_path, tiny_chunks):
+    maps, same = half_splits(tmp_path, num_classes=4, spread=1.5)
+    mapped = linear_probe(*maps, l2_grid=(1e-4, 1e-2), device="cpu")
+    memory = linear_probe(*same, l2_grid=(1e-4, 1e-2), device="cpu")
+    assert mapped.val_top1_by_l2 == memory.val_top1_by_l2 and mapped.chosen_l2 == memory.chosen_l2
+    assert np.array_equal(mapped.test_pred, memory.test_pred) and mapped.top5 == memory.top5
+    assert np.array_equal(mapped.classifier.weight, memory.classifier.weight)
+
+
+def test_linear_probe_in_chunks_equals_one_chunk(monkeypatch):
+    """Statistics summed over chunks and rows filled chunk by chunk give the one-chunk fit, up to rounding."""
+    import vitdistill.probes.inputs as inputs
+
+    data = splits(num_classes=4, spread=1.5)
+    whole = linear_probe(*data, l2_grid=(1e-4, 1e-2))
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", 8 * 8 * 7)
+    chunked = linear_probe(*data, l2_grid=(1e-4, 1e-2))
+    assert chunked.val_top1_by_l2 == whole.val_top1_by_l2 and np.array_equal(chunked.test_pred, whole.test_pred)
+    assert np.allclose(chunked.classifier.mean, whole.classifier.mean, rtol=1e-12, atol=1e-15)
+    assert np.allclose(chunked.classifier.weight, whole.classifier.weight, rtol=1e-5, atol=1e-6)

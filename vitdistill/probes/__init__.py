@@ -1,7 +1,8 @@
 """Probes of frozen features: linear (logistic regression), few-shot (ridge) and weighted kNN.
 
-Every probe takes numpy features ``x`` (N, D) and integer labels ``y`` (N,) per split, picks any
-hyper-parameter on val only, reads test once, and returns a dataclass result. Bad input raises
+Every probe takes numpy features ``x`` (N, D), arrays or read-only memory maps (read chunk by chunk,
+never copied whole), and integer labels ``y`` (N,) per split, picks any hyper-parameter on val only,
+reads test once, and returns a dataclass result. Bad input raises
 :class:`vitdistill.errors.DataError` naming the split and what was expected.
 """
 

@@ -20,6 +20,10 @@ class, 5-, 10- and 25-shot would all be the same fit under three names).
 Features are optionally L2-normalised per row (``normalize``) before centring. Unlike big_vision we
 do not standardise each dimension (so the penalty acts on the features' own scale), and the bias
 comes from centring rather than from a large constant feature, so it is exactly unpenalised.
+
+Memory: the shots are drawn from the labels alone and only the sampled train rows are read (a
+memory-mapped cache is never read whole); val and test are scored chunk by chunk (``row_chunks``),
+each chunk L2-normalised and projected on its own, so resident memory is the samples plus a chunk.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from vitdistill.probes.inputs import (
     check_positive_ints,
     check_split,
     check_splits,
-    l2_normalize,
     require_classes,
     resolve_num_classes,
+    row_chunks,
+    unit_rows,
 )
 
 # big_vision sweeps powers of two. With unit-norm features the eigenvalues of Xc^T Xc are at most
@@ -171,9 +176,7 @@ def fewshot_probe(
         raise ConfigError("seeds must name at least one seed")
     grid = check_l2_grid(l2_grid, DEFAULT_RIDGE_GRID)[::-1]  # strong to weak, so argmax ties -> stronger
 
-    xtr, xva, xte = (l2_normalize(s.x) if normalize else s.x for s in (train, val, test))
-    targets = pm_one_targets(train.y, num_classes)  # (N_train, C)
-    orders = {seed: class_orders(train.y, num_classes, seed) for seed in seeds}
+    orders = {seed: class_orders(train.y, num_classes, seed) for seed in seeds}  # from the labels alone
 
     counts = np.bincount(train.y, minlength=num_classes)  # (C,) train rows per class
     result = FewShotResult(class_counts=counts.tolist())
@@ -182,22 +185,30 @@ def fewshot_probe(
         if result.short_classes[k]:
             continue
         fits = {}
-        val_correct = np.zeros(len(grid))  # summed over seeds
         for seed in seeds:
             rows, _ = take_shots(orders[seed], k)
             result.train_indices[(k, seed)] = rows
-            fits[seed] = ridge_eigen(xtr[rows], targets[rows])
-            projected = fits[seed].project(xva)  # (N_val, r)
-            val_correct += [np.sum(fits[seed].scores(projected, l2).argmax(axis=1) == val.y) for l2 in grid]
+            # only the sampled rows are read (sorted, so a memory map reads them in order)
+            fits[seed] = ridge_eigen(unit_rows(train.x, rows, normalize), pm_one_targets(train.y[rows], num_classes))
+        val_correct = np.zeros(len(grid))  # summed over seeds and val chunks
+        for part in row_chunks(len(val.y), val.x.shape[1]):
+            xva = unit_rows(val.x, part, normalize)  # (M, D)
+            for fit in fits.values():
+                projected = fit.project(xva)  # (M, r)
+                val_correct += [np.sum(fit.scores(projected, l2).argmax(axis=1) == val.y[part]) for l2 in grid]
         best = int(np.argmax(val_correct))  # first maximum in strong-to-weak order: ties -> stronger l2
         l2 = grid[best]
         result.chosen_l2[k] = l2
         result.val_top1_by_l2[k] = {
             g: c / (len(seeds) * len(val.y)) for g, c in sorted(zip(grid, val_correct, strict=True))
         }
+        test_correct = dict.fromkeys(seeds, 0)
+        for part in row_chunks(len(test.y), test.x.shape[1]):
+            xte = unit_rows(test.x, part, normalize)  # (M, D)
+            for seed, fit in fits.items():
+                test_correct[seed] += int(np.sum(fit.scores(fit.project(xte), l2).argmax(axis=1) == test.y[part]))
         for seed in seeds:
-            pred = fits[seed].scores(fits[seed].project(xte), l2).argmax(axis=1)
-            result.top1[(k, seed)] = float(np.mean(pred == test.y))
+            result.top1[(k, seed)] = test_correct[seed] / len(test.y)
         accs = np.array([result.top1[(k, s)] for s in seeds])
         result.mean_top1[k], result.std_top1[k] = float(accs.mean()), float(accs.std())
     return result

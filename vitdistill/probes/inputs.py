@@ -2,33 +2,70 @@
 
 Every probe validates its splits here first, so bad input fails the same way everywhere: a
 :class:`~vitdistill.errors.DataError` whose one-line message names the split and what was expected.
+
+Features are never copied whole: a split keeps the array it was given (in memory, or a read-only
+float16 memory map from ``FeatureCache.load(spill_dir=...)``), and the probes read it in chunks of
+rows (:func:`row_chunks`, :func:`read_rows`), each converted on its own to float64 or float32.
 """
 
 from __future__ import annotations
 
+import mmap
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from vitdistill.errors import ConfigError, DataError
 
+# A chunk of rows read at a time is about this many bytes once converted (float64): 64 MiB.
+CHUNK_BYTES = 2**26
+
 
 @dataclass(frozen=True)
 class Split:
-    """One validated split: float64 features and int64 labels."""
+    """One validated split: its features as given (not copied) and int64 labels."""
 
     name: str
-    x: np.ndarray  # (N, D) float64, finite
+    x: np.ndarray  # (N, D) float or integer, finite; possibly a read-only memory map
     y: np.ndarray  # (N,) int64, >= 0
 
 
+def row_chunks(num_rows: int, dim: int, itemsize: int = 8) -> Iterator[slice]:
+    """Consecutive row slices of about CHUNK_BYTES each at ``itemsize`` bytes per value."""
+    step = max(1, CHUNK_BYTES // max(1, dim * itemsize))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(num_rows, start + step))
+
+
+def release(x: np.ndarray) -> None:
+    """Drop the pages a read-only memory map has faulted in from this process's resident set (the page
+    cache keeps them), so that reading a spilled split chunk by chunk does not grow RSS to its size."""
+    mm = getattr(x, "_mmap", None)
+    if isinstance(x, np.memmap) and x.mode == "r" and mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def read_rows(x: np.ndarray, rows: slice | np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """A fresh ``dtype`` copy of ``x[rows]`` (a memory map reads only those rows)."""
+    out = np.array(x[rows], dtype=dtype)
+    release(x)
+    return out
+
+
+def unit_rows(x: np.ndarray, rows: slice | np.ndarray, normalize: bool = True) -> np.ndarray:
+    """``x[rows]`` as float64, L2-normalised per row when ``normalize``."""
+    chunk = read_rows(x, rows)
+    return l2_normalize(chunk) if normalize else chunk
+
+
 def check_split(name: str, x: object, y: object) -> Split:
-    """Validate one split and return it as float64 features and int64 labels."""
+    """Validate one split chunk by chunk (no copy of the features) and return it with int64 labels."""
     if x is None:
         raise DataError(f"{name}: features are missing; expected an (N, D) array")
     if y is None:
         raise DataError(f"{name}: labels are missing; expected an (N,) integer array")
-    x = np.asarray(x)
+    x = x if isinstance(x, np.ndarray) else np.asarray(x)  # a memory map stays one
     y = np.asarray(y)
     if x.ndim != 2:
         raise DataError(f"{name}: features have shape {x.shape}; expected a 2-D (N, D) array")
@@ -42,9 +79,12 @@ def check_split(name: str, x: object, y: object) -> Split:
         raise DataError(f"{name}: features have dtype {x.dtype}; expected a float array")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{name}: labels have dtype {y.dtype}; expected integer class ids")
-    x = x.astype(np.float64)
-    if not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
+    bad = 0
+    if x.dtype.kind == "f":
+        for rows in row_chunks(x.shape[0], x.shape[1], x.dtype.itemsize):
+            bad += int(np.count_nonzero(~np.isfinite(x[rows]).all(axis=1)))
+            release(x)
+    if bad:
         raise DataError(f"{name}: {bad} of {x.shape[0]} feature rows contain NaN or inf; expected finite features")
     if y.min() < 0:
         raise DataError(f"{name}: label {int(y.min())} is negative; expected class ids in [0, num_classes)")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -52,10 +52,13 @@ from vitdistill.probes.inputs import (
     check_split,
     check_splits,
     l2_normalize,
+    read_rows,
     require_classes,
     resolve_num_classes,
+    row_chunks,
+    unit_rows,
 )
-from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_accuracy
+from vitdistill.probes.metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_hits
 from vitdistill.errors import DataError
 
 # Half-decade steps, CLIP-style. For unit-norm features, l2 = 1 already gives a near-constant
@@ -193,16 +196,23 @@ class FeatureTransform:
 
 
 def fit_transform(x_train: np.ndarray, normalize: bool, standardize: bool) -> FeatureTransform:
-    """Fit the module's preprocessing on train features.
+    """Fit the module's preprocessing on train features, in float64, reading them chunk by chunk (two
+    passes: the mean, then the squared deviations from it, as ``np.std`` computes them).
 
     Standardising gives constant train dimensions a scale of 0: they carry no train signal (the
     penalty keeps their weights at 0 anyway) and would otherwise blow up on other splits.
     """
-    x = l2_normalize(x_train) if normalize else x_train
-    mean = x.mean(axis=0)  # (D,)
+    n, dim = x_train.shape
+    total = np.zeros(dim)
+    for rows in row_chunks(n, dim):
+        total += unit_rows(x_train, rows, normalize).sum(axis=0)
+    mean = total / n  # (D,)
     if not standardize:
         return FeatureTransform(normalize, mean, np.ones_like(mean))
-    std = x.std(axis=0)  # (D,)
+    squares = np.zeros(dim)
+    for rows in row_chunks(n, dim):
+        squares += np.square(unit_rows(x_train, rows, normalize) - mean).sum(axis=0)
+    std = np.sqrt(squares / n)  # (D,)
     varying = std > 1e-8 * std.max()  # (D,) bool
     scale = np.zeros_like(mean)
     scale[varying] = 1.0 / (std[varying] * np.sqrt(varying.sum()))
@@ -213,7 +223,7 @@ def prior_init(y: torch.Tensor, num_classes: int, dim: int) -> LogRegModel:
     """W = 0 and b = log class frequencies: the optimum as l2 -> infinity (absent classes get -30)."""
     counts = torch.bincount(y, minlength=num_classes).to(torch.float64)  # (C,)
     bias = torch.log(counts / counts.sum()).clamp_min(-30.0)
-    return LogRegModel(torch.zeros(num_classes, dim, dtype=torch.float64), bias, l2=float("inf"))
+    return LogRegModel(torch.zeros(num_classes, dim, dtype=torch.float64, device=y.device), bias, l2=float("inf"))
 
 
 def logreg_loss_and_grad(
@@ -230,6 +240,13 @@ def logreg_loss_and_grad(
     return loss, grad_w, grad_b
 
 
+def one_hot_columns(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) labels -> (C, N) one-hot columns on ``y``'s device."""
+    onehot = torch.zeros(num_classes, len(y), dtype=dtype, device=y.device)
+    onehot[y, torch.arange(len(y), device=y.device)] = 1.0
+    return onehot
+
+
 @dataclass
 class Rows:
     """Rows prepared for the solver, with the bias folded in as a trailing column of ones.
@@ -243,12 +260,25 @@ class Rows:
 
     @classmethod
     def build(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> Rows:
-        n = x.shape[0]
-        xa = torch.ones(n, x.shape[1] + 1, dtype=dtype)
+        """From features already transformed, (N, D) on the device they are solved on."""
+        xa = torch.ones(x.shape[0], x.shape[1] + 1, dtype=dtype, device=x.device)
         xa[:, :-1] = x
-        onehot = torch.zeros(num_classes, n, dtype=dtype)
-        onehot[y, torch.arange(n)] = 1.0
-        return cls(xa, onehot)
+        return cls(xa, one_hot_columns(y, num_classes, dtype))
+
+    @classmethod
+    def from_features(cls, xs: list[np.ndarray], y: torch.Tensor, transform: FeatureTransform, num_classes: int,
+                      dtype: torch.dtype) -> Rows:
+        """From raw features (the splits ``xs`` one after the other, arrays or memory maps), passed through
+        ``transform`` in float64 chunk by chunk and stored once, in ``dtype`` on ``y``'s device: no whole
+        float64 copy is made unless ``dtype`` is float64."""
+        dim = xs[0].shape[1]
+        xa = torch.ones(len(y), dim + 1, dtype=dtype, device=y.device)  # (N, D + 1)
+        at = 0
+        for x in xs:
+            for rows in row_chunks(len(x), dim):
+                xa[at + rows.start:at + rows.stop, :-1] = torch.from_numpy(transform(read_rows(x, rows))).to(y.device)
+            at += len(x)
+        return cls(xa, one_hot_columns(y, num_classes, dtype))
 
     def to(self, dtype: torch.dtype) -> Rows:
         return Rows(self.x.to(dtype), self.onehot.to(dtype))
@@ -288,7 +318,7 @@ class Preconditioner:
         n, dim = x.shape
         width = min(dim, rank + 1 + oversample)
         gen = torch.Generator().manual_seed(0)
-        q = torch.randn(dim, width, generator=gen, dtype=torch.float64).to(x.dtype)  # (D, width)
+        q = torch.randn(dim, width, generator=gen, dtype=torch.float64).to(x.device, x.dtype)  # (D, width)
         for _ in range(2):
             q = torch.linalg.qr(x.T @ (x @ q)).Q  # (D, width) orthonormal
         xq = (x @ q).double()  # (N, width)
@@ -531,8 +561,23 @@ def sweep_l2(
     """
     rows = Rows.build(x_train, y_train, num_classes, SWEEP_DTYPE)
     val_rows = Rows.build(x_val, y_val, num_classes, SWEEP_DTYPE)
+    return sweep_rows(rows, y_train, val_rows, y_val, num_classes, l2_grid, max_iter=max_iter, tol=tol)
+
+
+def sweep_rows(
+    rows: Rows,
+    y_train: torch.Tensor,
+    val_rows: Rows,
+    y_val: torch.Tensor,
+    num_classes: int,
+    l2_grid: tuple[float, ...],
+    *,
+    max_iter: int = 1000,
+    tol: float = DEFAULT_TOL,
+) -> Sweep:
+    """:func:`sweep_l2` on rows already built in SWEEP_DTYPE."""
     precond = Preconditioner.estimate(rows.x[:, :-1], num_classes, PRECONDITIONER_RANK)
-    prior = prior_init(y_train, num_classes, x_train.shape[1])
+    prior = prior_init(y_train, num_classes, rows.x.shape[1] - 1)
     theta = prior.theta(SWEEP_DTYPE)  # (C, D + 1)
     prev, fit = None, Fit(theta, prior.l2, Curvature([], [], prior.l2))
     best, best_correct = fit, -1
@@ -559,13 +604,20 @@ def refit(
     <= ``tol`` in float64 (one logits and one gradient product), and iterates only where not: the
     returned model meets the tolerance in float64.
     """
+    return refit_rows(lambda dtype: Rows.build(x, y, num_classes, dtype), sweep, max_iter=max_iter, tol=tol)
+
+
+def refit_rows(build: Callable[[torch.dtype], Rows], sweep: Sweep, *, max_iter: int, tol: float) -> LogRegModel:
+    """:func:`refit` on the rows ``build(dtype)`` gives, built once per pass: the float32 rows are freed
+    before the float64 ones exist, so the peak is the float64 rows (the numerics of the final pass need
+    them: its gradient is checked against ``tol`` in float64)."""
     l2 = sweep.best.l2
-    rows = Rows.build(x, y, num_classes, torch.float64)
     theta = sweep.best.theta()  # (C, D + 1) float64
-    fast = minimise(
-        rows.to(SWEEP_DTYPE), theta.to(SWEEP_DTYPE), l2, sweep.precond, sweep.curvature, max_iter=max_iter, tol=tol
-    )
-    exact = minimise(rows, fast.theta.double(), l2, sweep.precond.to(torch.float64), max_iter=max_iter, tol=tol)
+    rows = build(SWEEP_DTYPE)
+    fast = minimise(rows, theta.to(SWEEP_DTYPE), l2, sweep.precond, sweep.curvature, max_iter=max_iter, tol=tol)
+    del rows
+    exact = minimise(build(torch.float64), fast.theta.double(), l2, sweep.precond.to(torch.float64),
+                     max_iter=max_iter, tol=tol)
     exact.num_iterations += fast.num_iterations
     return exact.model()
 
@@ -586,13 +638,20 @@ def linear_probe(
     tol: float = DEFAULT_TOL,
     standardize: bool = True,
     num_threads: int | None = None,
+    device: str | None = None,
 ) -> LinearProbeResult:
     """Select l2 on val, refit on train (+ val), report test top-1/top-5/per-class recall.
 
     ``num_classes`` defaults to one more than the largest train/val label; test labels never
     enlarge it (a test label outside that range is a DataError asking for ``num_classes``).
     ``num_threads`` sets torch's intra-op threads during the fit and restores them after; by
-    default small problems use 1 thread and larger ones keep torch's setting.
+    default small problems use 1 thread and larger ones keep torch's setting. ``device``: where
+    the L-BFGS runs (default the GPU when there is one, else the CPU).
+
+    Memory: the solver needs the train (and val) rows in memory by nature; they are stored once,
+    transformed, as float32 (N, D + 1) on the device, filled chunk by chunk from the features (which
+    may be float16 memory maps), and the refit's float64 rows replace them. Test is scored chunk by
+    chunk.
     """
     train = check_split("train", x_train, y_train)
     val = check_split("val", x_val, y_val)
@@ -602,31 +661,39 @@ def linear_probe(
     num_classes = resolve_num_classes(num_classes, [train, val], [test])
     grid = check_l2_grid(l2_grid, DEFAULT_L2_GRID)
 
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     transform = fit_transform(train.x, normalize, standardize)
-
-    def prepare(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(transform(x))  # (N, D) float64
-
-    xt, yt = prepare(train.x), torch.from_numpy(train.y)
-    xv, yv = prepare(val.x), torch.from_numpy(val.y)
+    yt, yv = torch.from_numpy(train.y).to(dev), torch.from_numpy(val.y).to(dev)
+    dim = train.x.shape[1]
 
     if num_threads is None:
-        num_threads = default_threads(len(yt) + len(yv), xt.shape[1], num_classes)
+        num_threads = default_threads(len(yt) + len(yv), dim, num_classes)
     start = time.perf_counter()
     with torch_threads(num_threads):
-        sweep = sweep_l2(xt, yt, xv, yv, num_classes, grid, max_iter=max_iter, tol=tol)
+        rows, val_rows = (Rows.from_features([s.x], y, transform, num_classes, SWEEP_DTYPE) for s, y in
+                          ((train, yt), (val, yv)))
+        sweep = sweep_rows(rows, yt, val_rows, yv, num_classes, grid, max_iter=max_iter, tol=tol)
+        del rows, val_rows
         final, iterations = sweep.best, sweep.num_iterations
         if refit_on_trainval:
-            final = refit(torch.cat([xt, xv]), torch.cat([yt, yv]), num_classes, sweep, max_iter=max_iter, tol=tol)
+            ytv = torch.cat([yt, yv])
+            final = refit_rows(lambda dtype: Rows.from_features([train.x, val.x], ytv, transform, num_classes, dtype),
+                               sweep, max_iter=max_iter, tol=tol)
             iterations += final.num_iterations
     fit_seconds = time.perf_counter() - start
 
-    scores = final.scores(prepare(test.x)).numpy()  # (N_test, C)
-    pred = scores.argmax(axis=1)
+    classifier = LinearClassifier(transform.normalize, transform.mean, transform.scale, final.weight.cpu().numpy(),
+                                  final.bias.cpu().numpy(), final.l2)
+    preds, hits5 = [], 0
+    for part in row_chunks(len(test.y), dim):
+        scores = classifier.logits(read_rows(test.x, part))  # (M, C) float64
+        preds.append(scores.argmax(axis=1))
+        hits5 += topk_hits(scores, test.y[part], 5)
+    pred = np.concatenate(preds)  # (N_test,)
     confusion = confusion_matrix(test.y, pred, num_classes)
     return LinearProbeResult(
         top1=float(np.mean(pred == test.y)),
-        top5=topk_accuracy(scores, test.y, 5),
+        top5=hits5 / len(test.y),
         mean_per_class_recall=mean_per_class_recall(confusion),
         chosen_l2=sweep.best.l2,
         val_top1_by_l2=sweep.val_top1_by_l2,
@@ -636,6 +703,5 @@ def linear_probe(
         fit_seconds=fit_seconds,
         num_iterations=iterations,
         num_classes=num_classes,
-        classifier=LinearClassifier(transform.normalize, transform.mean, transform.scale, final.weight.numpy(),
-                                    final.bias.numpy(), final.l2),
+        classifier=classifier,
     )

@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
-    """Fraction of rows whose true label is among the ``k`` highest scores (k clipped to C)."""
+def topk_hits(scores: np.ndarray, y: np.ndarray, k: int) -> int:
+    """Rows whose true label is among the ``k`` highest scores (k clipped to C)."""
     k = min(k, scores.shape[1])
     topk = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (N, k), unordered
-    return float(np.mean(np.any(topk == y[:, None], axis=1)))
+    return int(np.count_nonzero(np.any(topk == y[:, None], axis=1)))
+
+
+def topk_accuracy(scores: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true label is among the ``k`` highest scores (k clipped to C)."""
+    return topk_hits(scores, y, k) / len(y)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -16,6 +16,8 @@ chooses; a tie goes to the deeper block), plus the table ``layers``.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,7 +27,7 @@ from vitdistill.cache.reader import FeatureCache
 from vitdistill.config import ProbeConfig
 from vitdistill.errors import CacheError
 from vitdistill.probes.fewshot import FewShotResult, fewshot_probe
-from vitdistill.probes.inputs import l2_normalize
+from vitdistill.probes.inputs import row_chunks, unit_rows
 from vitdistill.probes.knn import knn_probe
 from vitdistill.probes.linear import linear_probe
 from vitdistill.probes.teacher import fit_teacher_probe, labelled_split
@@ -54,18 +56,35 @@ class ProbeReport:
         return asdict(self)
 
 
+def side_by_side(x: np.ndarray, cols: list[slice], normalize: bool, spill_dir: str | None, name: str) -> np.ndarray:
+    """The blocks ``cols`` of ``x`` (N, sum D_l), each L2-normalised when ``normalize``, side by side as float32,
+    filled chunk by chunk: a read-only memory map in ``spill_dir`` (``name``.npy), else an array."""
+    shape = (len(x), sum(c.stop - c.start for c in cols))
+    out = (np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), mode="w+", dtype=np.float32, shape=shape)
+           if spill_dir is not None else np.empty(shape, np.float32))
+    for rows in row_chunks(*shape):
+        out[rows] = np.concatenate([unit_rows(x[:, c], rows, normalize) for c in cols], axis=1)
+    if spill_dir is None:
+        return out
+    out.flush()
+    path = out.filename
+    del out
+    return np.load(path, mmap_mode="r")
+
+
 def probe_layers(fc: FeatureCache, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], cfg: ProbeConfig,
-                 num_classes: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """A linear probe per cached block and on their concatenation (``feats``: split -> (N, sum D_l)); the
-    best block chosen on val."""
+                 num_classes: int, spill_dir: str | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A linear probe per cached block and on their concatenation (``feats``: split -> (N, sum D_l), arrays or
+    memory maps); the best block chosen on val. A block is probed on a column view of ``feats`` (no copy); the
+    concatenation of the normalised blocks is written once per split, to ``spill_dir`` when given."""
     spec = fc.manifest["teacher"]["layers"]
     splits = ("train", "val", "test")
     offsets = np.cumsum([0, *spec["dims"]])
     grid = tuple(cfg.l2_grid) if cfg.l2_grid else None
 
     def probe(cols: list[slice]):
-        xs = [np.concatenate([l2_normalize(feats[s][:, c]) if cfg.normalize else feats[s][:, c] for c in cols], axis=1)
-              for s in splits]
+        xs = ([feats[s][:, cols[0]] for s in splits] if len(cols) == 1 else
+              [side_by_side(feats[s], cols, cfg.normalize, spill_dir, f"{s}-layers-concat") for s in splits])
         return linear_probe(xs[0], labels["train"], xs[1], labels["val"], xs[2], labels["test"], l2_grid=grid,
                             normalize=cfg.normalize, num_classes=num_classes)
 
@@ -101,9 +120,19 @@ def fewshot_table(few: FewShotResult, classes: list[str], seeds: int) -> list[di
 
 
 def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
-    """Every probe; the linear one is saved as the run's teacher probe (:mod:`vitdistill.probes.teacher`)."""
+    """Every probe; the linear one is saved as the run's teacher probe (:mod:`vitdistill.probes.teacher`).
+
+    The splits are spilled to a temporary directory (local disk, removed at the end) and probed from
+    read-only memory maps in the cache's dtype (float16 by default), so caches larger than memory can
+    be probed: only the linear probe holds its train (+ val) rows in memory, as float32.
+    """
+    with tempfile.TemporaryDirectory(prefix="vitdistill-probe-") as spill:
+        return probe_spilled(cache_dir, cfg, spill)
+
+
+def probe_spilled(cache_dir: str, cfg: ProbeConfig, spill_dir: str) -> ProbeReport:
     fc = FeatureCache.open(cache_dir)
-    loaded = {s: fc.load(split=s) for s in ("train", "val", "test")}
+    loaded = {s: fc.load(split=s, spill_dir=spill_dir) for s in ("train", "val", "test")}
     splits = [labelled_split(fc, s, loaded[s]) for s in ("train", "val", "test")]
     (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)
@@ -136,7 +165,8 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
         if any(loaded[s]["layers"] is None for s in loaded):
             raise CacheError(f"{cache_dir}: the manifest lists teacher layers but some samples have no layers.npy")
         layer_metrics, tables["layers"] = probe_layers(fc, {s: loaded[s]["layers"] for s in loaded},
-                                                       {"train": ytr, "val": yva, "test": yte}, cfg, len(classes))
+                                                       {"train": ytr, "val": yva, "test": yte}, cfg, len(classes),
+                                                       spill_dir)
         metrics.update(layer_metrics)
         headline += (f"; best layer {int(layer_metrics['best_layer'])} {layer_metrics['best_layer_linear_top1']:.3f}, "
                      f"all layers {layer_metrics['layers_concat_linear_top1']:.3f}")
