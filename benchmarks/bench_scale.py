@@ -2,11 +2,17 @@
 
     python benchmarks/bench_scale.py                       # shapes at 2,000, 20,000 and 100,000 images
     python benchmarks/bench_scale.py --sizes 2000,20000    # a quicker look
+    python benchmarks/bench_scale.py --root R --stages probe,lit   # re-measure some stages on R's caches
+
+Results are kept in ROOT/results.json, so a later run with ``--stages`` on the same ``--root`` re-measures
+those stages (ingestion and extraction are idempotent: a finished cache is not rebuilt) and prints the
+table over everything measured there.
 
 Each (size, stage) runs in a fresh process, so its peak RSS (``ru_maxrss``) is that stage's alone. The
 stages: ingest (generate + write shards), extract (the teacher over every shard), probe (linear, few-shot,
-kNN), distill (cached views, streamed from the shards through the one reader), evaluate (teacher and
-student on the test split). Everything is printed relative to the smallest size. The probes need their
+kNN), lit (one epoch of LiT on the cache, embeddings memory-mapped), distill (cached views, streamed from
+the shards through the one reader), evaluate (teacher and student on the test split). Everything is
+printed relative to the smallest size. The probes need their
 N x D feature arrays by nature: their expected size (float32) is printed beside them.
 
 The teacher is the tiny random ``test_vit`` and the student the 32 px ``vit22b_tiny``, so that 100,000
@@ -26,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "extract", "probe", "distill", "evaluate")
+STAGES = ("ingest", "extract", "probe", "lit", "distill", "evaluate")
 
 
 def sets(n: int, root: str) -> list[str]:
@@ -35,7 +41,7 @@ def sets(n: int, root: str) -> list[str]:
             "distill.mode=cached", "distill.num_views=1", "distill.epochs=1", "distill.batch_size=128",
             "distill.num_workers=1", "distill.register_as=null", "distill.checkpoint_every=0",
             "evaluate.max_images=200", "evaluate.severities=[3]", "evaluate.evaluators=[calibration,robustness]",
-            "probe.fewshot_seeds=[0]", "tracking.uri=sqlite:///" + root + "/mlflow.db"]
+            "probe.fewshot_seeds=[0]", "lit.epochs=1", "tracking.uri=sqlite:///" + root + "/mlflow.db"]
 
 
 def child(stage: str, n: int, root: str) -> None:
@@ -65,6 +71,13 @@ def child(stage: str, n: int, root: str) -> None:
         fc = FeatureCache.open(plan.cache_dir)
         info["linear_top1"] = r.metrics["linear_top1"]
         info["features_mb"] = fc.num_samples * fc.num_features * 4 / 2**20
+    elif stage == "lit":
+        from vitdistill.lit.stage import run_lit
+
+        plan = plan_extraction(cfg, inputs)
+        t0 = time.perf_counter()
+        r = run_lit(plan.cache_dir, cfg.lit, progress=False)
+        info["zeroshot_top1"] = r.metrics.get("zeroshot_top1")
     elif stage == "distill":
         from vitdistill.distill import run_distill
 
@@ -97,26 +110,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="2000,20000,100000")
     ap.add_argument("--root", default=None, help="cache root (default: a temporary directory)")
+    ap.add_argument("--stages", default=",".join(STAGES), help="stages to measure (default: all)")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="bench-scale-")
     if args.child:
         return child(args.child[0], int(args.child[1]), root)
     sizes = [int(s) for s in args.sizes.split(",")]
+    chosen = [s for s in STAGES if s in args.stages.split(",")]
+    saved = Path(root) / "results.json"
     results: dict[tuple[str, int], dict] = {}
+    if saved.is_file():
+        results = {(r["stage"], r["n"]): r for r in json.loads(saved.read_text())}
+    print(f"root {root}, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     for n in sizes:
-        for stage in STAGES:
+        for stage in chosen:
             out = subprocess.run([sys.executable, __file__, "--root", root, "--child", stage, str(n)], check=True,
                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(stage, n)] = r
+            saved.write_text(json.dumps(list(results.values()), indent=1))
             print(f"  {stage:9s} N={n:>7,}: {r['seconds']:8.1f} s, {1e3 * r['seconds'] / n:7.3f} ms/img, "
                   f"peak RSS {r['rss_mb']:7.0f} MiB", flush=True)
     base = sizes[0]
     print("\n| stage | " + " | ".join(f"N={n:,}: ms/img, RSS MiB" for n in sizes) + " | time/img ratio | RSS ratio |")
     print("(evaluate: seconds per run, since it reads at most evaluate.max_images test images)")
     print("|---|" + "---|" * (len(sizes) + 2))
-    for stage in STAGES:
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    for stage in [s for s in STAGES if all((s, n) in results for n in sizes)]:
         # evaluation reads at most evaluate.max_images test images whatever N: its time is per run, not per image
         per = (lambda n: 1.0) if stage == "evaluate" else (lambda n: n / 1e3)
         cells = [f"{results[(stage, n)]['seconds'] / per(n):.3f}, {results[(stage, n)]['rss_mb']:.0f}" for n in sizes]
