@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -123,69 +123,33 @@ class FeatureCache:
         return (self.manifest.get("split") or {}).get("counts", {}).get(split)
 
     def load(self, split: str | None = None, *, spill_dir: str | None = None) -> dict[str, Any]:
-        """Materialise a split as arrays: emb (N, D) float32; logits (N, C); cls (N,) int64 or None;
-        txt list or None; key list; split list; meta list or None. The arrays are filled in place as the
-        shards stream by (sized from the manifest's split counts), so the peak is the arrays themselves.
+        """Materialise a split (None: every sample) as arrays: emb (N, D) float32; logits (N, C); cls (N,)
+        int64 or None; txt list or None; key list; split list; meta list or None. The arrays are filled in
+        place as the shards stream by (sized from the manifest's split counts), so the peak is the arrays
+        themselves.
 
         With ``spill_dir`` (a local directory) the arrays are written there instead, as ``.npy`` files in
         the dtype the cache stores them in (float16 by default: half of float32), and come back as read-only
         memory maps: resident memory stays flat whatever N, and the page cache holds what is being read.
         This is how caches larger than memory are probed and aligned (chunked readers never copy them
         whole)."""
-        n = self.split_size(split)
-        if spill_dir is not None and n is None:  # a memory map needs its length up front: count first
-            n = sum(1 for _ in self.iter_samples(split))
-        arrays: dict[str, np.ndarray] = {}
-        lists: dict[str, list] = {"key": [], "split": [], "txt": [], "meta": []}
-        cls: list[int] = []
-        has = {"cls": True, "txt": True, "meta": False}
-        filled: dict[str, int] = {}
-        i = 0
-        for r in self.iter_samples(split):
-            for name in ARRAY_FIELDS:
-                if name not in r:
-                    continue
-                if filled.setdefault(name, 0) != i:  # an earlier sample lacked it: this array is never complete
-                    continue
-                filled[name] += 1
-                if name not in arrays:
-                    shape = (n if n is not None else 1024, *r[name].shape)
-                    if spill_dir is not None:
-                        path = os.path.join(spill_dir, f"{split or 'all'}-{name}.npy")
-                        arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=r[name].dtype, shape=shape)
-                    else:
-                        arrays[name] = np.empty(shape, np.float32 if name in ("emb", "layers") else r[name].dtype)
-                if i >= len(arrays[name]) and spill_dir is not None:
-                    raise CacheError(f"{self.cache_dir}: split {split!r} holds more samples than the manifest's {n}")
-                if i >= len(arrays[name]):  # the manifest gave no count: grow geometrically
-                    arrays[name] = np.concatenate([arrays[name], np.empty_like(arrays[name])])
-                arrays[name][i] = r[name]
-            lists["key"].append(r["key"])
-            lists["split"].append(r["split"])
-            has["cls"] &= "cls" in r
-            has["txt"] &= "txt" in r
-            has["meta"] |= "meta" in r
-            cls.append(r.get("cls", -1))
-            lists["txt"].append(r.get("txt"))
-            lists["meta"].append(r.get("meta"))
-            i += 1
-        if i == 0:
-            where = f"split {split!r}" if split else "the cache"
-            raise DataError(f"{self.cache_dir}: {where} has no samples")
-        out: dict[str, Any] = {"key": lists["key"], "split": lists["split"]}
-        if spill_dir is not None and i != n:
-            raise CacheError(f"{self.cache_dir}: split {split!r} holds {i} samples but the manifest says {n}")
-        for name in ARRAY_FIELDS:
-            if spill_dir is not None and name in arrays:
-                arrays[name].flush()
-                path = arrays[name].filename
-                del arrays[name]
-                arrays[name] = np.load(path, mmap_mode="r")  # read-only from here on
-            out[name] = arrays[name][:i] if filled.get(name) == i else None
-        out["cls"] = np.array(cls, dtype=np.int64) if has["cls"] else None
-        out["txt"] = lists["txt"] if has["txt"] else None
-        out["meta"] = lists["meta"] if has["meta"] else None
-        return out
+        return self.load_splits((split,), spill_dir=spill_dir)[split]
+
+    def load_splits(self, splits: Sequence[str | None], *, spill_dir: str | None = None) -> dict[str | None, dict[str, Any]]:
+        """:meth:`load` of several splits in one pass over the shards: split -> its arrays."""
+        sizes = {s: self.split_size(s) for s in splits}
+        if spill_dir is not None and None in sizes.values():  # a memory map needs its length up front: count first
+            counts: dict[str, int] = {}
+            for r in self.iter_samples():
+                counts[r["split"]] = counts.get(r["split"], 0) + 1
+            sizes = {s: (sum(counts.values()) if s is None else counts.get(s, 0)) for s in splits}
+        columns = {s: _SplitColumns(self.cache_dir, s, sizes[s], spill_dir) for s in splits}
+        only = splits[0] if len(splits) == 1 else None  # one named split: the reader skips decoding no other
+        for r in self.iter_samples(only):
+            for s, c in columns.items():
+                if s is None or s == r["split"]:
+                    c.add(r)
+        return {s: c.finish() for s, c in columns.items()}
 
     def verify(self) -> None:
         """Check every shard's sha256 and sample count against the manifest."""
@@ -197,3 +161,75 @@ class FeatureCache:
                 raise CacheError(f"{url}: sha256 {digest[:12]}... does not match the manifest's {shard['sha256'][:12]}...")
         for _ in self.iter_samples():
             pass
+
+
+def spill_array(spill_dir: str, name: str, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new writable ``.npy`` memory map ``spill_dir/name.npy``; hand it to :func:`read_only` once filled."""
+    return np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
+
+
+def read_only(mm: np.memmap) -> np.ndarray:
+    """A filled :func:`spill_array`, flushed and reopened read-only (its written pages leave this process)."""
+    mm.flush()
+    path = mm.filename
+    del mm
+    return np.load(path, mmap_mode="r")
+
+
+class _SplitColumns:
+    """One split's fields, filled in place as samples stream by (:meth:`FeatureCache.load`)."""
+
+    def __init__(self, cache_dir: str, split: str | None, n: int | None, spill_dir: str | None) -> None:
+        self.cache_dir, self.split, self.n, self.spill_dir = cache_dir, split, n, spill_dir
+        self.arrays: dict[str, np.ndarray] = {}
+        self.filled: dict[str, int] = {}
+        self.lists: dict[str, list] = {"key": [], "split": [], "txt": [], "meta": []}
+        self.cls: list[int] = []
+        self.has = {"cls": True, "txt": True, "meta": False}
+        self.i = 0
+
+    def add(self, r: dict[str, Any]) -> None:
+        i, n = self.i, self.n
+        for name in ARRAY_FIELDS:
+            if name not in r:
+                continue
+            if self.filled.setdefault(name, 0) != i:  # an earlier sample lacked it: this array is never complete
+                continue
+            self.filled[name] += 1
+            if name not in self.arrays:
+                shape = (n if n is not None else 1024, *r[name].shape)
+                self.arrays[name] = (spill_array(self.spill_dir, f"{self.split or 'all'}-{name}", r[name].dtype, shape)
+                                     if self.spill_dir is not None else
+                                     np.empty(shape, np.float32 if name in ("emb", "layers") else r[name].dtype))
+            a = self.arrays[name]
+            if i >= len(a) and self.spill_dir is not None:
+                raise CacheError(f"{self.cache_dir}: split {self.split!r} holds more samples than the manifest's {n}")
+            if i >= len(a):  # the manifest gave no count: grow geometrically
+                a = self.arrays[name] = np.concatenate([a, np.empty_like(a)])
+            a[i] = r[name]
+        self.lists["key"].append(r["key"])
+        self.lists["split"].append(r["split"])
+        self.has["cls"] &= "cls" in r
+        self.has["txt"] &= "txt" in r
+        self.has["meta"] |= "meta" in r
+        self.cls.append(r.get("cls", -1))
+        self.lists["txt"].append(r.get("txt"))
+        self.lists["meta"].append(r.get("meta"))
+        self.i += 1
+
+    def finish(self) -> dict[str, Any]:
+        i = self.i
+        if i == 0:
+            where = f"split {self.split!r}" if self.split else "the cache"
+            raise DataError(f"{self.cache_dir}: {where} has no samples")
+        if self.spill_dir is not None and i != self.n:
+            raise CacheError(f"{self.cache_dir}: split {self.split!r} holds {i} samples but the manifest says {self.n}")
+        out: dict[str, Any] = {"key": self.lists["key"], "split": self.lists["split"]}
+        for name in ARRAY_FIELDS:
+            if self.spill_dir is not None and name in self.arrays:
+                self.arrays[name] = read_only(self.arrays.pop(name))
+            out[name] = self.arrays[name][:i] if self.filled.get(name) == i else None
+        out["cls"] = np.array(self.cls, dtype=np.int64) if self.has["cls"] else None
+        out["txt"] = self.lists["txt"] if self.has["txt"] else None
+        out["meta"] = self.lists["meta"] if self.has["meta"] else None
+        return out

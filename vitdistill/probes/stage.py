@@ -16,14 +16,13 @@ chooses; a tie goes to the deeper block), plus the table ``layers``.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from vitdistill.cache.reader import FeatureCache
+from vitdistill.cache.reader import FeatureCache, read_only, spill_array
 from vitdistill.config import ProbeConfig
 from vitdistill.errors import CacheError
 from vitdistill.probes.fewshot import FewShotResult, fewshot_probe
@@ -60,16 +59,10 @@ def side_by_side(x: np.ndarray, cols: list[slice], normalize: bool, spill_dir: s
     """The blocks ``cols`` of ``x`` (N, sum D_l), each L2-normalised when ``normalize``, side by side as float32,
     filled chunk by chunk: a read-only memory map in ``spill_dir`` (``name``.npy), else an array."""
     shape = (len(x), sum(c.stop - c.start for c in cols))
-    out = (np.lib.format.open_memmap(os.path.join(spill_dir, f"{name}.npy"), mode="w+", dtype=np.float32, shape=shape)
-           if spill_dir is not None else np.empty(shape, np.float32))
+    out = spill_array(spill_dir, name, np.float32, shape) if spill_dir is not None else np.empty(shape, np.float32)
     for rows in row_chunks(*shape):
         out[rows] = np.concatenate([unit_rows(x[:, c], rows, normalize) for c in cols], axis=1)
-    if spill_dir is None:
-        return out
-    out.flush()
-    path = out.filename
-    del out
-    return np.load(path, mmap_mode="r")
+    return read_only(out) if spill_dir is not None else out
 
 
 def probe_layers(fc: FeatureCache, feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], cfg: ProbeConfig,
@@ -132,7 +125,7 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
 
 def probe_spilled(cache_dir: str, cfg: ProbeConfig, spill_dir: str) -> ProbeReport:
     fc = FeatureCache.open(cache_dir)
-    loaded = {s: fc.load(split=s, spill_dir=spill_dir) for s in ("train", "val", "test")}
+    loaded = fc.load_splits(("train", "val", "test"), spill_dir=spill_dir)  # one pass over the shards
     splits = [labelled_split(fc, s, loaded[s]) for s in ("train", "val", "test")]
     (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)
