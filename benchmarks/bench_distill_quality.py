@@ -34,13 +34,7 @@ from vitdistill.extract import extract  # noqa: E402
 from vitdistill.models.teachers import create_teacher  # noqa: E402
 from vitdistill.probes.stage import probe_cache  # noqa: E402
 
-
-def data_sets(spec: str, num_samples: int) -> list[str]:
-    if spec == "shapes":
-        return ["data.source=shapes", f"data.num_samples={num_samples}"]
-    if spec.startswith("folder:"):
-        return ["data.source=folder", f"data.path={spec.split(':', 1)[1]}", "data.on_error=skip"]
-    raise SystemExit(f"--data {spec!r}: expected shapes or folder:PATH")
+from _data import data_sets  # noqa: E402
 
 
 def main() -> None:

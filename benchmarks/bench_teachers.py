@@ -1,6 +1,7 @@
-"""The packaged teacher ladder (EfficientNet-Lite0, Lite1, Lite2) on one dataset: probe top-1 per block and speed.
+"""The packaged teacher ladder (EfficientNet-Lite0, Lite1, Lite2) on data sets: probe top-1 per block and speed.
 
     python benchmarks/bench_teachers.py                                  # shapes, 2,000 images, last 4 stages
+    python benchmarks/bench_teachers.py --data shapes folder:/data/clipart   # and the clip-art set (openclipart.sh)
     python benchmarks/bench_teachers.py --samples 500 --layers 2         # quicker
     python benchmarks/bench_teachers.py --teachers effnet_lite0_imagenet hf:facebook/dinov2-small \\
         --set teacher.checkpoint=/models/dinov2-small                    # any teacher names
@@ -24,22 +25,29 @@ from vitdistill.extract import extract
 from vitdistill.models.teachers import create_teacher
 from vitdistill.probes.stage import probe_cache
 
+from _data import data_sets
+
 LADDER = ["effnet_lite0_imagenet", "effnet_lite1_imagenet", "effnet_lite2_imagenet"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teachers", nargs="+", default=LADDER)
-    p.add_argument("--dataset", default="shapes")
-    p.add_argument("--samples", type=int, default=2000, help="data.num_samples (shapes) or data.limit")
+    p.add_argument("--data", nargs="+", default=["shapes"],
+                   help="one or more of: shapes, folder:PATH (an ImageFolder, e.g. the clip-art set)")
+    p.add_argument("--samples", type=int, default=2000, help="shapes: images to generate")
     p.add_argument("--layers", default="4", help="teacher.layers: N last blocks/stages, or a list like [-3,-1]")
     p.add_argument("--set", action="append", default=[], help="extra dotted.key=value overrides")
     args = p.parse_args()
-    size_key = "data.num_samples" if args.dataset == "shapes" else "data.limit"
+    for spec in args.data:
+        ladder(spec, args)
+
+
+def ladder(spec: str, args: argparse.Namespace) -> None:
     rows, layer_rows = [], []
     with tempfile.TemporaryDirectory() as root:
         for name in args.teachers:
-            cfg = load_config(None, [f"cache.root={root}", f"data.source={args.dataset}", f"{size_key}={args.samples}",
+            cfg = load_config(None, [f"cache.root={root}", *data_sets(spec, args.samples),
                                      f"teacher.name={name}", f"teacher.layers={args.layers}",
                                      "probe.fewshot_shots=[10]", "probe.knn_k=[10]", *args.set])
             inputs = resolve_inputs(cfg, progress=False)
@@ -69,7 +77,7 @@ def main() -> None:
             print(f"done {name}: {report.headline} ({extract_s:.0f} s extract, {probe_s:.0f} s probes)", flush=True)
 
     n = manifest["num_samples"]
-    print(f"\n{args.dataset}, {n} images, teacher.layers={args.layers}; test split {report.split_sizes['test']} images")
+    print(f"\n{spec}, {n} images, teacher.layers={args.layers}; test split {report.split_sizes['test']} images")
     print("| teacher | input px | params | extract img/s | linear top-1 (embedding) | best layer | its top-1 "
           "| all layers top-1 | kNN@10 top-1 |")
     print("|---|---|---|---|---|---|---|---|---|")

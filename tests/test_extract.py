@@ -72,6 +72,30 @@ def test_digits_cache_layout_and_manifest(make_cfg):
     fc.verify()
 
 
+def test_load_splits_reads_every_split_in_one_pass_as_load_reads_each(make_cfg, tmp_path, monkeypatch):
+    """load_splits gives each split exactly what load(split) gives, in memory and spilled, reading the shards once."""
+    cfg = make_cfg("data.source=shapes", "data.num_samples=60", "data.shard_samples=25")
+    _, _, fc = run_extract(cfg)
+    opened = []
+    real = FeatureCache.iter_samples
+    monkeypatch.setattr(FeatureCache, "iter_samples", lambda self, *a: opened.append(a) or real(self, *a))
+    for spill in (None, tmp_path / "spill"):
+        if spill is not None:
+            spill.mkdir()
+        opened.clear()
+        together = fc.load_splits(("train", "val", "test"), spill_dir=spill and str(spill))
+        assert len(opened) == 1  # one pass over the shards
+        for s in ("train", "val", "test"):
+            alone = fc.load(s)
+            assert together[s]["key"] == alone["key"] and together[s]["txt"] == alone["txt"]
+            assert np.array_equal(together[s]["cls"], alone["cls"])
+            assert np.array_equal(np.asarray(together[s]["emb"], np.float32), alone["emb"])
+            if spill is not None:
+                assert isinstance(together[s]["emb"], np.memmap) and not together[s]["emb"].flags.writeable
+    assert sorted(p.name for p in (tmp_path / "spill").glob("*.npy")) == sorted(
+        f"{s}-{f}.npy" for s in ("train", "val", "test") for f in ("emb", "logits"))
+
+
 def test_shapes_carries_captions_and_attributes(make_cfg):
     cfg = make_cfg("data.source=shapes", "data.num_samples=40", "cache.dtype=float32")
     _, manifest, fc = run_extract(cfg)

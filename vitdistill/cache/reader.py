@@ -3,6 +3,7 @@
     fc = FeatureCache.open("vitdistill-cache/features/effnet_lite0_imagenet-0123abcd")
     train = fc.load(split="train")      # {"key": [...], "emb": (N, D) float32, "cls": (N,), ...}
     big = fc.load(split="train", spill_dir=tmp)   # the same, arrays as read-only float16 memory maps
+    splits = fc.load_splits(("train", "val", "test"))   # split -> the same, in one pass over the shards
     for sample in fc.iter_samples():    # streaming, one dict per sample
         ...
 
