@@ -49,9 +49,9 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     route_library_logs()
     watch_prefect_api()  # a deployment's run ends when its Prefect server is gone, instead of lingering
     STOP.clear()
-    names = stages_to_run(target)
+    names = stages_to_run(target, config)
     nodes = _nodes(config, names)
-    workers = stage_concurrency(config.orchestration.stage_concurrency, names)
+    workers = stage_concurrency(config.orchestration.stage_concurrency, names, config)
     tracker = get_tracker(config.tracking)
     threads = torch.get_num_threads()
     if workers > 1:  # concurrent stages share the cores instead of each taking all of them
@@ -116,14 +116,14 @@ def _nodes(config: VitdistillConfig, names: list[str]) -> dict[str, _Node]:
     those shards (and the cores or the GPU are not split between teachers' forward passes)."""
     teachers = config.teacher.names
     if len(teachers) == 1:
-        return {n: _Node(n, None, config, tuple(STAGES.stage(n).needs)) for n in names}
+        return {n: _Node(n, None, config, STAGES.stage(n).needed(config)) for n in names}
     nodes: dict[str, _Node] = {}
     for i, teacher in enumerate(teachers):
         cfg = config.for_teacher(teacher)
         for n in names:
             after = (stage_label(n, teachers[i - 1]),) if n == "extract" and i else ()
             nodes[stage_label(n, teacher)] = _Node(n, teacher, cfg, tuple(stage_label(d, teacher)
-                                                                          for d in STAGES.stage(n).needs), after)
+                                                                          for d in STAGES.stage(n).needed(cfg)), after)
     return nodes
 
 
@@ -143,8 +143,8 @@ def _run_stages(runner: ThreadPoolTaskRunner, workers: int, nodes: dict[str, _No
                 futures[key] = runner.submit(
                     stage_task,
                     parameters={"name": node.stage, "config": node.config, "parent_run_id": parent,
-                                "upstream": {STAGES.stage(node.stage).needs[i]: allow_failure(futures[k])
-                                             for i, k in enumerate(node.needs)},
+                                "upstream": dict(zip(STAGES.stage(node.stage).needed(node.config),
+                                                     (allow_failure(futures[k]) for k in node.needs))),
                                 "teacher": node.teacher},
                     wait_for=[allow_failure(futures[k]) for k in node.needs + node.after])  # the edges the UI draws
                 running.append(futures[key].wrapped_future)

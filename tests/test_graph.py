@@ -188,6 +188,20 @@ def test_a_registered_stage_reaches_the_flows_the_cli_and_the_deployments(toy, p
     assert _upstream_names(runs["toy"], {r.id: r for r in runs.values()}) == {"extract"}
 
 
+def test_evaluate_of_a_named_student_does_not_distil_first(make_cfg):
+    """evaluate.student names the model to evaluate: the graph then has no distillation before evaluate."""
+    from flows.pipeline import _nodes
+    from vitdistill.stages import stages_to_run
+
+    named = make_cfg("evaluate.student=models:/vitdistill-student@champion")
+    assert stages_to_run("evaluate", make_cfg()) == ["extract", "probe", "distill", "evaluate"]
+    assert stages_to_run("evaluate", named) == ["extract", "probe", "evaluate"]
+    assert _nodes(named, stages_to_run("evaluate", named))["evaluate"].needs == ("extract", "probe")
+    whole = _nodes(named, stages_to_run("pipeline", named))  # the pipeline still distils, but evaluate waits not
+    assert "distill" in whole and whole["evaluate"].needs == ("extract", "probe")
+    assert STAGES.stage("evaluate").needed() == ("extract", "probe", "distill")
+
+
 def test_epoch_log_lines_every_epoch_of_short_runs_and_about_ten_of_long_ones():
     import logging
     from types import SimpleNamespace

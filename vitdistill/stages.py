@@ -63,18 +63,21 @@ class Stage:
     description: str  # one line: the CLI's help, the flow's and the deployment's description
     needs: tuple[str, ...] = ()
     enabled_key: str | None = None  # dotted config key of a bool that turns the stage off; None: always on
+    # (need, dotted config key): that need is dropped when the key is set (evaluate.student names the student
+    # to evaluate, so distillation need not run first)
+    needs_unless: tuple[tuple[str, str], ...] = ()
     headline_keys: tuple[str, ...] = ()  # metrics of the report's stage table, in order, when logged
     curves: tuple[str, ...] = ()  # shell-style patterns of the metrics the report redraws as curves
     cron: str = "0 2 * * *"  # the deployment's example schedule (created paused)
     schedule: str = ""  # that schedule in words
 
     def enabled(self, config: Any) -> bool:
-        if self.enabled_key is None:
-            return True
-        value: Any = config
-        for part in self.enabled_key.split("."):
-            value = getattr(value, part)
-        return bool(value)
+        return self.enabled_key is None or bool(_setting(config, self.enabled_key))
+
+    def needed(self, config: Any = None) -> tuple[str, ...]:
+        """The stages this one needs under ``config`` (None: all it may need)."""
+        dropped = {need for need, key in self.needs_unless if config is not None and _setting(config, key)}
+        return tuple(n for n in self.needs if n not in dropped)
 
     def body(self) -> Callable[..., StageResult]:
         module, _, attr = self.run.partition(":")
@@ -82,6 +85,13 @@ class Stage:
 
     def __call__(self, config: Any, run_id: str, upstream: dict[str, dict]) -> StageResult:
         return self.body()(config, run_id, upstream)
+
+
+def _setting(config: Any, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 class StageRegistry(Registry[StageResult]):
@@ -117,8 +127,9 @@ class StageRegistry(Registry[StageResult]):
     def __iter__(self) -> Iterator[Stage]:
         return iter(list(self._entries.values()))  # type: ignore[arg-type]
 
-    def order(self, target: str) -> list[str]:
-        """``"probe"`` -> ``["extract", "probe"]``; ``"pipeline"`` -> every stage, in registration order."""
+    def order(self, target: str, config: Any = None) -> list[str]:
+        """``"probe"`` -> ``["extract", "probe"]``; ``"pipeline"`` -> every stage, in registration order;
+        with ``config``, without the needs it drops (:meth:`Stage.needed`)."""
         if target == PIPELINE:
             return self.names()
         wanted: set[str] = set()
@@ -126,17 +137,17 @@ class StageRegistry(Registry[StageResult]):
         def visit(name: str) -> None:
             if name not in wanted:
                 wanted.add(name)
-                for need in self.stage(name).needs:
+                for need in self.stage(name).needed(config):
                     visit(need)
 
         visit(target)
         return [n for n in self.names() if n in wanted]  # registration order is a topological order
 
-    def width(self, names: list[str]) -> int:
+    def width(self, names: list[str], config: Any = None) -> int:
         """How many of ``names`` can run at once: the most stages at one depth of the graph."""
         depth: dict[str, int] = {}
         for n in names:
-            depth[n] = 1 + max((depth[d] for d in self.stage(n).needs if d in depth), default=-1)
+            depth[n] = 1 + max((depth[d] for d in self.stage(n).needed(config) if d in depth), default=-1)
         counts = [list(depth.values()).count(d) for d in set(depth.values())]
         return max(counts, default=1)
 
@@ -165,16 +176,18 @@ STAGES.add(Stage(
     cron="0 4 * * 6", schedule="distillation, Saturdays at 04:00"))
 STAGES.add(Stage(
     "evaluate", run="tasks.evaluate:run_stage", needs=("extract", "probe", "distill"), enabled_key="evaluate.enabled",
+    needs_unless=(("distill", "evaluate.student"),),
     description="Calibration, robustness, subgroup gaps and shape bias for teacher (probe) and student.",
     cron="0 6 * * 6", schedule="evaluations and report, Saturdays at 06:00"))
 
 
-def stages_to_run(target: str) -> list[str]:
-    """``"probe"`` -> ``["extract", "probe"]``; ``"pipeline"`` -> every stage."""
-    return STAGES.order(target)
+def stages_to_run(target: str, config: Any = None) -> list[str]:
+    """``"probe"`` -> ``["extract", "probe"]``; ``"pipeline"`` -> every stage; ``"evaluate"`` with
+    ``evaluate.student`` set -> extract, probe, evaluate (the named student, no distillation first)."""
+    return STAGES.order(target, config)
 
 
-def stage_concurrency(setting: int | str, names: list[str]) -> int:
+def stage_concurrency(setting: int | str, names: list[str], config: Any = None) -> int:
     """How many stages of ``names`` run at once: ``setting`` when it is a number, else (``"auto"``)
     ``min(width, cpus // 4)`` without a GPU and ``min(width, cpus // 2, 2 * gpus)`` with one, at least 1.
 
@@ -182,7 +195,7 @@ def stage_concurrency(setting: int | str, names: list[str]) -> int:
     concurrent stage trains with torch's intra-op threads, so a stage gets at least 4 cores (a 2-core
     laptop runs the stages one after another, as before); on a GPU the stages mostly wait on the device,
     so two can share one, each with 2 cores for decoding and data loading."""
-    width = STAGES.width(names)
+    width = STAGES.width(names, config)
     if setting != "auto":
         return max(1, int(setting))
     cpus = os.cpu_count() or 1
