@@ -473,6 +473,51 @@ def test_caption_rows_naming_no_image_are_an_error(tmp_path):
         _folder_ds(root)
 
 
+def test_partial_captions_are_kept_and_the_missing_ones_counted(make_cfg, tmp_path, caplog):
+    """23 of 24 images captioned: LiT trains on the 23 captions and the class prompts of the 24th, and says
+    so (before the fix the cache kept no caption at all and LiT silently used class prompts for every image)."""
+    from tests.test_extract import make_folder, run_extract
+    from tests.test_lit import FAST_SCRATCH
+    from vitdistill.config import LitConfig
+    from vitdistill.lit import run_lit
+    from vitdistill.lit.data import load_lit_data
+
+    root = make_folder(tmp_path / "imgs", per_class=12)
+    (root / "cat" / "img.0.txt").unlink()
+    files = [f"{c}/img.{i}.png" for c in ("cat", "dog") for i in range(12)]
+    rows = "".join(f"{f},caption of {f}\n" for f in files if f != "dog/img.5.png")
+    (root / "captions.csv").write_text("file,caption\n" + rows)
+    plan, _, fc = run_extract(make_cfg("data.source=folder", f"data.path={root}"))
+    assert sum(t is not None for t in fc.load()["txt"]) == 23
+    with caplog.at_level("WARNING", logger="vitdistill.lit.data"):
+        data = load_lit_data(plan.cache_dir)
+    assert "1 of 24 samples" in caplog.text and "class prompts stand in" in caplog.text
+    assert not data.captions_generated and (data.captions_missing, data.captions_missing_dropped) == (1, 0)
+    seen = {}
+    for split in (data.train, data.val, data.test):
+        for key, opts in zip(split.keys, split.options):
+            seen[key] = {data.texts[i] for i in opts}
+    assert len(seen) == 24
+    assert seen.pop("dog/img_5") <= {t.format("dog") for t in data.templates}  # its class prompts
+    assert all(texts == {f"caption of {k.replace('_', '.')}.png"} for k, texts in seen.items())  # 23 captions
+    report = run_lit(plan.cache_dir, LitConfig(**{**FAST_SCRATCH, "epochs": 1}), progress=False)
+    assert report.metrics["captions_missing"] == 1 and report.metrics["captions_missing_dropped"] == 0
+    assert report.headline.endswith("; 1 of 24 samples had no caption (class prompts used)")
+
+
+def test_partial_captions_without_class_names_leave_the_uncaptioned_out(tmp_path, caplog):
+    from tests.test_lit import write_fake_cache
+    from vitdistill.lit.data import load_lit_data
+
+    cache = write_fake_cache(tmp_path / "c", n=40, with_cls=False, captions=lambda i, c: None if i in (3, 17) else f"c{i}")
+    with caplog.at_level("WARNING", logger="vitdistill.lit.data"):
+        data = load_lit_data(cache)
+    assert "2 of 40 samples" in caplog.text and "left out of LiT" in caplog.text
+    assert (data.captions_missing, data.captions_missing_dropped) == (2, 2)
+    keys = [k for s in (data.train, data.val, data.test) for k in s.keys]
+    assert len(keys) == 38 and "s00003" not in keys and "s00017" not in keys
+
+
 BINARY = b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00"
 
 

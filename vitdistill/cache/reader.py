@@ -124,8 +124,9 @@ class FeatureCache:
 
     def load(self, split: str | None = None, *, spill_dir: str | None = None) -> dict[str, Any]:
         """Materialise a split as arrays: emb (N, D) float32; logits (N, C); cls (N,) int64 or None;
-        txt list or None; key list; split list; meta list or None. The arrays are filled in place as the
-        shards stream by (sized from the manifest's split counts), so the peak is the arrays themselves.
+        txt list (None for a sample without a caption) or None when no sample has one; key list; split list;
+        meta list or None. The arrays are filled in place as the shards stream by (sized from the manifest's
+        split counts), so the peak is the arrays themselves.
 
         With ``spill_dir`` (a local directory) the arrays are written there instead, as ``.npy`` files in
         the dtype the cache stores them in (float16 by default: half of float32), and come back as read-only
@@ -138,7 +139,7 @@ class FeatureCache:
         arrays: dict[str, np.ndarray] = {}
         lists: dict[str, list] = {"key": [], "split": [], "txt": [], "meta": []}
         cls: list[int] = []
-        has = {"cls": True, "txt": True, "meta": False}
+        has = {"cls": True, "txt": False, "meta": False}
         filled: dict[str, int] = {}
         i = 0
         for r in self.iter_samples(split):
@@ -163,7 +164,7 @@ class FeatureCache:
             lists["key"].append(r["key"])
             lists["split"].append(r["split"])
             has["cls"] &= "cls" in r
-            has["txt"] &= "txt" in r
+            has["txt"] |= "txt" in r  # partial captions are kept: a consumer decides what a missing one means
             has["meta"] |= "meta" in r
             cls.append(r.get("cls", -1))
             lists["txt"].append(r.get("txt"))
