@@ -404,6 +404,60 @@ def test_cli_messages_mask_credentials(tmp_path):
     assert r.returncode == 0 and "postgresql://user:***@host/db" in r.stdout and "password" not in r.stdout
 
 
+def test_no_password_reaches_prefect_parameters_and_the_flow_gets_it_back(prefect_harness, tmp_path, monkeypatch):
+    """Deployment defaults, submitted and local flow runs carry the config with its passwords masked; the
+    flow run puts them back, from this process or (a worker's fresh process) from the 0600 secrets file."""
+    import json
+    import stat
+
+    from prefect import get_client
+
+    import vitdistill.redact as redact
+    from deploy.deployments import deploy_all, submit
+    from flows.pipeline import report_flow
+    from vitdistill.config import VitdistillConfig, load_config
+
+    monkeypatch.setattr(redact, "_KEPT", {})
+    monkeypatch.delenv(redact.SECRETS_ENV, raising=False)
+    store, artifacts = "postgresql://user:Pw-s3cr3t@host/db", "postgresql://user:Pw-2nd-s3cr3t@dbhost/db"
+    cfg = load_config(None, [f"tracking.server_backend_store_uri={store}", f"orchestration.state_dir={tmp_path}/st",
+                             "orchestration.work_pool=secrets-test-pool", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                             f"tracking.artifact_location={artifacts}"])
+    rows = deploy_all(cfg)
+    flow_run = submit("probe", cfg, None)["flow_run_id"]
+    seen = []
+    monkeypatch.setattr("tasks.report.report", lambda config, run_id: seen.append(config) or {})
+    local_run = report_flow(redact.conceal(cfg), None, return_state=True).state_details.flow_run_id
+    assert seen[0].tracking.server_backend_store_uri == store  # the flow body got the real password back
+    with get_client(sync_client=True) as client:
+        deployed = [client.read_deployment(r["id"]) for r in rows]
+        sent = [*(d.parameters for d in deployed), *(d.job_variables for d in deployed),
+                client.read_flow_run(flow_run).parameters, client.read_flow_run(local_run).parameters]
+    text = json.dumps(sent, default=str)
+    assert len(rows) >= 3 and "s3cr3t" not in text
+    assert "postgresql://user:***@host/db" in text and "postgresql://user:***@dbhost/db" in text
+    secrets = tmp_path / "st" / "secrets.json"  # written by deploy and submit (a worker runs their flows)
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    monkeypatch.setattr(redact, "_KEPT", {})  # a worker's flow-run process: nothing in memory
+    got = redact.reveal(VitdistillConfig.model_validate(deployed[0].parameters["config"]))
+    assert got.tracking.server_backend_store_uri == store and got.tracking.artifact_location == artifacts
+    monkeypatch.setenv(redact.SECRETS_ENV, str(tmp_path / "elsewhere.json"))  # no file there: stays masked
+    assert "***" in redact.reveal(got.model_copy(update={"tracking": got.tracking.model_copy(
+        update={"server_backend_store_uri": "postgresql://user:***@host/db"})})).tracking.server_backend_store_uri
+
+
+def test_mlflow_server_command_line_holds_no_password():
+    from vitdistill.config import load_config
+    from vitdistill_cli.stack import mlflow_server_command
+
+    cfg = load_config(None, [f"tracking.server_backend_store_uri={SECRET_URI}",
+                             "tracking.server_artifacts_destination=s3://key:password@minio/b"])
+    cmd, env = mlflow_server_command(cfg)
+    assert "password" not in " ".join(cmd) and cmd[1:3] == ["server", "--host"]
+    assert env == {"MLFLOW_BACKEND_STORE_URI": SECRET_URI,  # `mlflow server` reads these options from there
+                   "MLFLOW_ARTIFACTS_DESTINATION": "s3://key:password@minio/b"}
+
+
 # --------------------------------------------------------------------------- --json targets
 
 
