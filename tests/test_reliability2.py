@@ -308,6 +308,9 @@ def test_redact_uri(text, masked):
 
     assert redact_uri(text) == masked
     assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
+    from vitdistill.redact import credentials, unmask
+
+    assert unmask({"a": [masked]}, credentials({"x": text})) == {"a": [text]}  # what a flow run puts back
 
 
 def test_credentials_reach_no_param_artifact_or_report(tmp_path):
@@ -563,7 +566,8 @@ def test_partial_captions_without_class_names_leave_the_uncaptioned_out(tmp_path
     from tests.test_lit import write_fake_cache
     from vitdistill.lit.data import load_lit_data
 
-    cache = write_fake_cache(tmp_path / "c", n=40, with_cls=False, captions=lambda i, c: None if i in (3, 17) else f"c{i}")
+    cache = write_fake_cache(tmp_path / "c", n=40, with_cls=False,
+                             captions=lambda i, c: None if i in (3, 17) else f"c{i}")
     with caplog.at_level("WARNING", logger="vitdistill.lit.data"):
         data = load_lit_data(cache)
     assert "2 of 40 samples" in caplog.text and "left out of LiT" in caplog.text

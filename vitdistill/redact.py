@@ -129,7 +129,9 @@ def _read_secrets(path: Path) -> dict[str, str]:
 
         raise ConfigError(f"{path}: cannot read the secrets file ({e}); expected a JSON object written by "
                           "vitdistill deploy / submit") from None
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _write_secrets(path: Path, secrets: dict[str, str]) -> None:
