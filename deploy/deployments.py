@@ -9,6 +9,9 @@ Apply them to the server named by ``PREFECT_API_URL`` (``vitdistill up`` starts 
 
 The deployments' default parameter is the resolved config (the same tree as the CLI), so the
 Prefect UI shows it as a form; the flows' code is read from this checkout by the process worker.
+Passwords in its URIs are masked (``user:***@``) before they reach Prefect, as in every flow-run
+parameter: they are kept in the secrets file (:func:`vitdistill.redact.conceal`), where the flow
+run reads them back (``vitdistill up`` points its worker at it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from vitdistill.config import VitdistillConfig
 from vitdistill.errors import ConfigError
+from vitdistill.redact import conceal
 from vitdistill.stages import PIPELINE, STAGES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +84,7 @@ def deploy_all(config: VitdistillConfig, activate_schedules: bool = False) -> li
     pool = config.orchestration.work_pool
     ensure_work_pool(pool)
     rows = []
+    params = {"config": conceal(config, persist=True)}  # no password reaches Prefect: the worker reads them back
     for spec in deployments():
         loaded = flow.from_source(source=str(REPO_ROOT), entrypoint=spec.entrypoint)
         deployment_id = loaded.deploy(
@@ -87,7 +92,7 @@ def deploy_all(config: VitdistillConfig, activate_schedules: bool = False) -> li
             work_pool_name=pool,
             cron=spec.cron,
             paused=not activate_schedules,
-            parameters={"config": config.model_dump(mode="json")},
+            parameters=params,
             job_variables={"env": JOB_ENV},
             description=spec.description,
             tags=["vitdistill"],
@@ -123,7 +128,7 @@ def submit(stage: str, config: VitdistillConfig, wait_seconds: float | None) -> 
     if wait_seconds and not any(w.status.value == "ONLINE" for w in workers):
         raise ConfigError(f"no worker is online for work pool {pool!r}, so the run would wait forever; start one with "
                           f"`vitdistill up` or `prefect worker start --pool {pool}`")
-    run = run_deployment(spec.full_name, parameters={"config": config.model_dump(mode="json")},
+    run = run_deployment(spec.full_name, parameters={"config": conceal(config, persist=True)},
                          timeout=wait_seconds if wait_seconds is not None else 0, as_subflow=False, poll_interval=2)
     return {"deployment": spec.full_name, "flow_run_id": str(run.id), "flow_run_name": run.name,
             "state": run.state.type.value if run.state else None}

@@ -34,6 +34,7 @@ from tasks.stage import stage as stage_task
 from tasks.tracking import close_run, open_run, publish_summary
 from vitdistill.config import VitdistillConfig
 from vitdistill.faults import TrackingServerLost
+from vitdistill.redact import reveal
 from vitdistill.stages import (PIPELINE, STAGES, StageResult, StagesFailed, failure_message, stage_concurrency,
                                stage_label, stages_to_run, threads_per_stage)
 from vitdistill.tracking import get_tracker
@@ -48,6 +49,7 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
 
     route_library_logs()
     watch_prefect_api()  # a deployment's run ends when its Prefect server is gone, instead of lingering
+    config = reveal(config)  # the parameter's passwords are masked: put them back from this process or the file
     STOP.clear()
     names = stages_to_run(target, config)
     nodes = _nodes(config, names)
@@ -216,7 +218,7 @@ def report_flow(config: VitdistillConfig = VitdistillConfig(), run_id: str | Non
     """One HTML report of a finished run (None: the latest that evaluated): teacher vs student, every stage."""
     from tasks.report import report
 
-    return report(config, run_id)
+    return report(reveal(config), run_id)
 
 
 if __name__ == "__main__":

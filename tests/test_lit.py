@@ -69,7 +69,7 @@ def write_fake_cache(root, n: int = 300, dim: int = 16, classes=("cat", "dog", "
         fields = {"emb.npy": dump_npy(emb[i]), "split.txt": (["train"] * 7 + ["val"] + ["test"] * 2)[i % 10].encode()}
         if with_cls:
             fields["cls"] = str(int(cls[i])).encode()
-        if captions is not None:
+        if captions is not None and captions(i, int(cls[i])) is not None:  # None: this sample has no caption
             fields["txt"] = captions(i, int(cls[i])).encode()
         w.write(f"s{i:05d}", fields)
     w.close()

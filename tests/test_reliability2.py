@@ -308,6 +308,9 @@ def test_redact_uri(text, masked):
 
     assert redact_uri(text) == masked
     assert redact({"a": [text], "b": 3}) == {"a": [masked], "b": 3}
+    from vitdistill.redact import credentials, unmask
+
+    assert unmask({"a": [masked]}, credentials({"x": text})) == {"a": [text]}  # what a flow run puts back
 
 
 def test_credentials_reach_no_param_artifact_or_report(tmp_path):
@@ -404,6 +407,60 @@ def test_cli_messages_mask_credentials(tmp_path):
     assert r.returncode == 0 and "postgresql://user:***@host/db" in r.stdout and "password" not in r.stdout
 
 
+def test_no_password_reaches_prefect_parameters_and_the_flow_gets_it_back(prefect_harness, tmp_path, monkeypatch):
+    """Deployment defaults, submitted and local flow runs carry the config with its passwords masked; the
+    flow run puts them back, from this process or (a worker's fresh process) from the 0600 secrets file."""
+    import json
+    import stat
+
+    from prefect import get_client
+
+    import vitdistill.redact as redact
+    from deploy.deployments import deploy_all, submit
+    from flows.pipeline import report_flow
+    from vitdistill.config import VitdistillConfig, load_config
+
+    monkeypatch.setattr(redact, "_KEPT", {})
+    monkeypatch.delenv(redact.SECRETS_ENV, raising=False)
+    store, artifacts = "postgresql://user:Pw-s3cr3t@host/db", "postgresql://user:Pw-2nd-s3cr3t@dbhost/db"
+    cfg = load_config(None, [f"tracking.server_backend_store_uri={store}", f"orchestration.state_dir={tmp_path}/st",
+                             "orchestration.work_pool=secrets-test-pool", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                             f"tracking.artifact_location={artifacts}"])
+    rows = deploy_all(cfg)
+    flow_run = submit("probe", cfg, None)["flow_run_id"]
+    seen = []
+    monkeypatch.setattr("tasks.report.report", lambda config, run_id: seen.append(config) or {})
+    local_run = report_flow(redact.conceal(cfg), None, return_state=True).state_details.flow_run_id
+    assert seen[0].tracking.server_backend_store_uri == store  # the flow body got the real password back
+    with get_client(sync_client=True) as client:
+        deployed = [client.read_deployment(r["id"]) for r in rows]
+        sent = [*(d.parameters for d in deployed), *(d.job_variables for d in deployed),
+                client.read_flow_run(flow_run).parameters, client.read_flow_run(local_run).parameters]
+    text = json.dumps(sent, default=str)
+    assert len(rows) >= 3 and "s3cr3t" not in text
+    assert "postgresql://user:***@host/db" in text and "postgresql://user:***@dbhost/db" in text
+    secrets = tmp_path / "st" / "secrets.json"  # written by deploy and submit (a worker runs their flows)
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    monkeypatch.setattr(redact, "_KEPT", {})  # a worker's flow-run process: nothing in memory
+    got = redact.reveal(VitdistillConfig.model_validate(deployed[0].parameters["config"]))
+    assert got.tracking.server_backend_store_uri == store and got.tracking.artifact_location == artifacts
+    monkeypatch.setenv(redact.SECRETS_ENV, str(tmp_path / "elsewhere.json"))  # no file there: stays masked
+    assert "***" in redact.reveal(got.model_copy(update={"tracking": got.tracking.model_copy(
+        update={"server_backend_store_uri": "postgresql://user:***@host/db"})})).tracking.server_backend_store_uri
+
+
+def test_mlflow_server_command_line_holds_no_password():
+    from vitdistill.config import load_config
+    from vitdistill_cli.stack import mlflow_server_command
+
+    cfg = load_config(None, [f"tracking.server_backend_store_uri={SECRET_URI}",
+                             "tracking.server_artifacts_destination=s3://key:password@minio/b"])
+    cmd, env = mlflow_server_command(cfg)
+    assert "password" not in " ".join(cmd) and cmd[1:3] == ["server", "--host"]
+    assert env == {"MLFLOW_BACKEND_STORE_URI": SECRET_URI,  # `mlflow server` reads these options from there
+                   "MLFLOW_ARTIFACTS_DESTINATION": "s3://key:password@minio/b"}
+
+
 # --------------------------------------------------------------------------- --json targets
 
 
@@ -471,6 +528,52 @@ def test_caption_rows_naming_no_image_are_an_error(tmp_path):
     (root / "captions.jsonl").write_text('{"file": "cat/nope.png", "caption": "x"}\n')
     with pytest.raises(DataError, match=r"captions\.jsonl: 1 of 1 rows name no image .*first: 'cat/nope\.png'"):
         _folder_ds(root)
+
+
+def test_partial_captions_are_kept_and_the_missing_ones_counted(make_cfg, tmp_path, caplog):
+    """23 of 24 images captioned: LiT trains on the 23 captions and the class prompts of the 24th, and says
+    so (before the fix the cache kept no caption at all and LiT silently used class prompts for every image)."""
+    from tests.test_extract import make_folder, run_extract
+    from tests.test_lit import FAST_SCRATCH
+    from vitdistill.config import LitConfig
+    from vitdistill.lit import run_lit
+    from vitdistill.lit.data import load_lit_data
+
+    root = make_folder(tmp_path / "imgs", per_class=12)
+    (root / "cat" / "img.0.txt").unlink()
+    files = [f"{c}/img.{i}.png" for c in ("cat", "dog") for i in range(12)]
+    rows = "".join(f"{f},caption of {f}\n" for f in files if f != "dog/img.5.png")
+    (root / "captions.csv").write_text("file,caption\n" + rows)
+    plan, _, fc = run_extract(make_cfg("data.source=folder", f"data.path={root}"))
+    assert sum(t is not None for t in fc.load()["txt"]) == 23
+    with caplog.at_level("WARNING", logger="vitdistill.lit.data"):
+        data = load_lit_data(plan.cache_dir)
+    assert "1 of 24 samples" in caplog.text and "class prompts stand in" in caplog.text
+    assert not data.captions_generated and (data.captions_missing, data.captions_missing_dropped) == (1, 0)
+    seen = {}
+    for split in (data.train, data.val, data.test):
+        for key, opts in zip(split.keys, split.options):
+            seen[key] = {data.texts[i] for i in opts}
+    assert len(seen) == 24
+    assert seen.pop("dog/img_5") <= {t.format("dog") for t in data.templates}  # its class prompts
+    assert all(texts == {f"caption of {k.replace('_', '.')}.png"} for k, texts in seen.items())  # 23 captions
+    report = run_lit(plan.cache_dir, LitConfig(**{**FAST_SCRATCH, "epochs": 1}), progress=False)
+    assert report.metrics["captions_missing"] == 1 and report.metrics["captions_missing_dropped"] == 0
+    assert report.headline.endswith("; 1 of 24 samples had no caption (class prompts used)")
+
+
+def test_partial_captions_without_class_names_leave_the_uncaptioned_out(tmp_path, caplog):
+    from tests.test_lit import write_fake_cache
+    from vitdistill.lit.data import load_lit_data
+
+    cache = write_fake_cache(tmp_path / "c", n=40, with_cls=False,
+                             captions=lambda i, c: None if i in (3, 17) else f"c{i}")
+    with caplog.at_level("WARNING", logger="vitdistill.lit.data"):
+        data = load_lit_data(cache)
+    assert "2 of 40 samples" in caplog.text and "left out of LiT" in caplog.text
+    assert (data.captions_missing, data.captions_missing_dropped) == (2, 2)
+    keys = [k for s in (data.train, data.val, data.test) for k in s.keys]
+    assert len(keys) == 38 and "s00003" not in keys and "s00017" not in keys
 
 
 BINARY = b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00"

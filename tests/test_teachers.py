@@ -268,3 +268,93 @@ def test_packaged_ladder_classifies_a_real_cat(name, top1):
     _, logits = t(x)
     top3 = [t.class_names[i] for i in logits[0].topk(3).indices]
     assert all("cat" in c for c in top3) and t.class_names[int(logits[0].argmax())] == top1, top3
+
+
+# --------------------------------------------------------------------------- checkpoints that are garbage or do not fit
+
+
+def _timm_file(p):
+    import timm
+    from safetensors.torch import save_file
+
+    path = p / "w.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return TeacherConfig(name="test_vit", checkpoint=str(path)), str(path)
+
+
+def _open_clip_file(p):
+    name, path = save_open_clip(p)
+    return TeacherConfig(name=f"open_clip:{name}", checkpoint=path), path
+
+
+def _hf_dir(p):
+    d = save_hf(p, "dinov2")
+    return TeacherConfig(name="hf:facebook/dinov2-small", checkpoint=d), f"{d}/model.safetensors"
+
+
+def _timm_dir(p):
+    d = save_timm_dir(p)  # save_for_hf writes pytorch_model.bin
+    return TeacherConfig(name="hf-hub:timm/test_vit.r160_in1k", checkpoint=d), f"{d}/pytorch_model.bin"
+
+
+CHECKPOINTS = {"timm": _timm_file, "open_clip": _open_clip_file, "hf": _hf_dir, "hf-hub": _timm_dir}
+
+
+@pytest.mark.parametrize("source", sorted(CHECKPOINTS))
+def test_garbage_safetensors_is_one_line_naming_the_file(tmp_path, source):
+    import os
+
+    cfg, weights = CHECKPOINTS[source](tmp_path)
+    if os.path.isdir(cfg.checkpoint):  # a model directory: its safetensors file
+        weights = os.path.join(cfg.checkpoint, "model.safetensors")
+    elif not weights.endswith(".safetensors"):  # open_clip's example is a torch.save'd file
+        weights = str(tmp_path / "w.safetensors")
+        cfg = cfg.model_copy(update={"checkpoint": weights})
+    with open(weights, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" * 64)  # not safetensors: "HeaderTooLarge"
+    with pytest.raises(ConfigError) as e:
+        create_teacher(cfg)
+    msg = str(e.value)
+    assert f"teacher.checkpoint {weights!r}: not a readable safetensors file (SafetensorError" in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("source", sorted(CHECKPOINTS))
+def test_checkpoint_with_the_right_keys_and_a_wrong_shape_names_the_tensor(tmp_path, source):
+    from safetensors.torch import load_file, save_file
+
+    cfg, weights = CHECKPOINTS[source](tmp_path)
+    safetensors = weights.endswith(".safetensors")
+    sd = load_file(weights) if safetensors else torch.load(weights, weights_only=True)
+    name = next(k for k, v in sd.items() if v.ndim == 1 and k.endswith("bias"))  # the first bias
+    expected = tuple(sd[name].shape)
+    sd[name] = torch.zeros(expected[0] + 3)
+    save_file(sd, weights) if safetensors else torch.save(sd, weights)
+    with pytest.raises(ConfigError) as e:
+        create_teacher(cfg)
+    msg = str(e.value)
+    assert f"teacher.checkpoint {weights!r} does not fit " in msg, msg
+    assert f"tensor {name!r} has shape ({expected[0] + 3},) in the checkpoint, the model expects {expected}" in msg, msg
+    assert "\n" not in msg
+
+
+def test_open_clip_local_dir_that_does_not_fit_or_is_garbage_names_the_file(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    _, path = save_open_clip(tmp_path)
+    sd = torch.load(path, weights_only=True)
+    sd["visual.ln_pre.bias"] = torch.zeros(35)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {"size": 32}}))
+    weights = repo / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(weights))
+    with pytest.raises(ConfigError, match=rf"^open_clip local-dir '{weights}' does not fit the model of its "
+                                          r"open_clip_config\.json: tensor 'visual\.ln_pre\.bias' has shape \(35,\) in "
+                                          r"the checkpoint, the model expects \(32,\)$"):
+        create_teacher(TeacherConfig(name=f"open_clip:local-dir:{repo}"))
+    weights.write_bytes(b"\x89PNG\r\n\x1a\n" * 64)
+    with pytest.raises(ConfigError, match=rf"^open_clip local-dir '{weights}': not a readable safetensors file"):
+        create_teacher(TeacherConfig(name=f"open_clip:local-dir:{repo}"))

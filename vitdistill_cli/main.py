@@ -333,11 +333,12 @@ def _run_target(target: str, config: list[Path] | None, sets: list[str] | None, 
     def body() -> dict:
         cfg = _before_flows(config, sets, debug)
         from flows.pipeline import get_flow
+        from vitdistill.redact import conceal
         from vitdistill.stages import StagesFailed
 
         t0 = time.perf_counter()
         try:
-            result = get_flow(target)(cfg)
+            result = get_flow(target)(conceal(cfg))  # Prefect keeps the parameter: passwords masked, kept here
         except StagesFailed as e:  # some stages failed: the summary still tells what ran, failed, was skipped
             result = e.result
         TIMINGS["flow"] = time.perf_counter() - t0
@@ -401,11 +402,12 @@ def report_cmd(run_id: RunIdArg = None, config: ConfigOpt = None, set_: SetOpt =
     def body() -> dict:
         cfg = _before_flows(config, set_, debug, prefect_level=logging.WARNING)
         from flows.pipeline import report_flow
+        from vitdistill.redact import conceal
         from vitdistill.report import find_parent_run_id
         from vitdistill.tracking import get_tracker
 
         find_parent_run_id(get_tracker(cfg.tracking), run_id)  # a wrong id fails here, in one line, before Prefect starts
-        return report_flow(cfg, run_id)
+        return report_flow(conceal(cfg), run_id)  # passwords masked in the flow-run parameter, kept here
 
     result = _guard(debug, body)
     _write_json(json_path, result)

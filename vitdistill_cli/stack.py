@@ -3,6 +3,11 @@
 Each server runs in its own process group, binds to ``orchestration.host`` (127.0.0.1 unless told
 otherwise), logs to ``{state_dir}/logs/`` and is recorded in ``{state_dir}/stack.json``, so that
 ``down`` stops exactly those processes and nothing else.
+
+No password appears on a command line (``ps`` shows those to every user): the MLflow server gets its
+backend store and artifact destination through ``MLFLOW_BACKEND_STORE_URI`` and
+``MLFLOW_ARTIFACTS_DESTINATION``, and the worker reads the passwords masked out of flow-run parameters
+from the secrets file (``VITDISTILL_SECRETS_FILE``, see :func:`vitdistill.redact.conceal`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from vitdistill.config import VitdistillConfig
 from vitdistill.errors import VitdistillError
-from vitdistill.redact import redact_uri
+from vitdistill.redact import SECRETS_ENV, redact_uri, secrets_file
 
 
 class StackError(VitdistillError):
@@ -66,6 +71,15 @@ def _spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
                             start_new_session=True)  # own process group: `down` stops it and its children
 
 
+def mlflow_server_command(cfg: VitdistillConfig) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command line and the environment it needs: the backend store URI (which may
+    hold a database password) and the artifact destination go by environment, never on the command line."""
+    orch, tr = cfg.orchestration, cfg.tracking
+    cmd = [_bin("mlflow"), "server", "--host", orch.host, "--port", str(orch.mlflow_port), "--workers", "1"]
+    return cmd, {"MLFLOW_BACKEND_STORE_URI": tr.server_backend_store_uri,
+                 "MLFLOW_ARTIFACTS_DESTINATION": tr.server_artifacts_destination}
+
+
 def state_file(cfg: VitdistillConfig) -> Path:
     return Path(cfg.orchestration.state_dir) / "stack.json"
 
@@ -97,9 +111,8 @@ def up(cfg: VitdistillConfig, timeout: float = 120.0) -> dict:
         log = logs / "mlflow-server.log"
         if "://" not in tr.server_artifacts_destination:
             Path(tr.server_artifacts_destination).mkdir(parents=True, exist_ok=True)
-        p = _spawn([_bin("mlflow"), "server", "--host", orch.host, "--port", str(orch.mlflow_port),
-                    "--backend-store-uri", tr.server_backend_store_uri,
-                    "--artifacts-destination", tr.server_artifacts_destination, "--workers", "1"], env, log)
+        cmd, store_env = mlflow_server_command(cfg)
+        p = _spawn(cmd, {**env, **store_env}, log)
         record("mlflow-server", p, log)
         _wait("mlflow server", lambda: http_ok(f"{mlflow_url}/health"), p, log, timeout)
 
@@ -108,7 +121,8 @@ def up(cfg: VitdistillConfig, timeout: float = 120.0) -> dict:
 
         ensure_work_pool(orch.work_pool)
         log = logs / "prefect-worker.log"
-        worker_env = {**env, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_WORKER_QUERY_SECONDS": "2"}
+        worker_env = {**env, "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_WORKER_QUERY_SECONDS": "2",
+                      SECRETS_ENV: str(secrets_file(orch.state_dir))}
         p = _spawn([_bin("prefect"), "worker", "start", "--pool", orch.work_pool, "--type", "process"], worker_env, log)
         record("prefect-worker", p, log)
         _wait("prefect worker", lambda: _worker_online(orch.work_pool), p, log, timeout)

@@ -125,9 +125,9 @@ class FeatureCache:
 
     def load(self, split: str | None = None, *, spill_dir: str | None = None) -> dict[str, Any]:
         """Materialise a split (None: every sample) as arrays: emb (N, D) float32; logits (N, C); cls (N,)
-        int64 or None; txt list or None; key list; split list; meta list or None. The arrays are filled in
-        place as the shards stream by (sized from the manifest's split counts), so the peak is the arrays
-        themselves.
+        int64 or None; txt list (None for a sample without a caption) or None when no sample has one; key
+        list; split list; meta list or None. The arrays are filled in place as the shards stream by (sized
+        from the manifest's split counts), so the peak is the arrays themselves.
 
         With ``spill_dir`` (a local directory) the arrays are written there instead, as ``.npy`` files in
         the dtype the cache stores them in (float16 by default: half of float32), and come back as read-only
@@ -186,7 +186,7 @@ class _SplitColumns:
         self.filled: dict[str, int] = {}
         self.lists: dict[str, list] = {"key": [], "split": [], "txt": [], "meta": []}
         self.cls: list[int] = []
-        self.has = {"cls": True, "txt": True, "meta": False}
+        self.has = {"cls": True, "txt": False, "meta": False}
         self.i = 0
 
     def add(self, r: dict[str, Any]) -> None:
@@ -211,7 +211,7 @@ class _SplitColumns:
         self.lists["key"].append(r["key"])
         self.lists["split"].append(r["split"])
         self.has["cls"] &= "cls" in r
-        self.has["txt"] &= "txt" in r
+        self.has["txt"] |= "txt" in r  # partial captions are kept: a consumer decides what a missing one means
         self.has["meta"] |= "meta" in r
         self.cls.append(r.get("cls", -1))
         self.lists["txt"].append(r.get("txt"))

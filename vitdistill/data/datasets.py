@@ -195,8 +195,8 @@ class FolderDataset(ImageDataset):
     Only regular files (or links to them) are read: anything else named like an image (a FIFO would
     block the read forever) is an error, or skipped under ``data.on_error=skip`` (listed in
     ``skipped``). Caption files must be UTF-8 text, and a caption-table row naming no image is an
-    error: a typo would otherwise leave an image without a caption, and a cache where some samples
-    lack one keeps none."""
+    error: a typo would otherwise leave an image without a caption without a word. Images without a
+    caption are kept; LiT counts them (``captions_missing``) and prompts them with their class name."""
 
     name = "folder"
 

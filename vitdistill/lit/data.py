@@ -5,11 +5,16 @@
     data.train.options        # (N, K) ids into data.texts: the captions a sample may be paired with
     data.prompt_ids           # (C, T) ids into data.texts: class-name prompts for zero-shot
 
-Texts come from the cache's captions (``txt``) when every sample has one (K = 1). A labelled
-cache without captions gets CLIP-style captions from its class names: each sample's K options are
-its class name in every prompt template, and training draws one per epoch. Val pairs each sample
-with option ``i % K`` (fixed, so val loss is comparable across epochs); test pairs it with the
-first template, so test retrieval on generated captions is class-level matching against C texts.
+Texts come from the cache's captions (``txt``): a captioned sample's option is its caption (K = 1
+when every sample has one). A labelled cache without captions gets CLIP-style captions from its class
+names: each sample's K options are its class name in every prompt template, and training draws one
+per epoch. Val pairs each sample with option ``i % K`` (fixed, so val loss is comparable across
+epochs); test pairs it with the first template, so test retrieval on generated captions is
+class-level matching against C texts.
+
+A cache where only some samples have a caption keeps them: the others get their class prompts (K =
+T, a caption repeated T times), or, without class names, are left out of LiT. Either way the count
+is logged and reported (``captions_missing``, ``captions_missing_dropped``).
 
 The embeddings are read in one pass over the cache. With ``spill_dir`` they stay on disk, a float16
 memory map of the whole cache that every split indexes by its ``rows`` (no copy per split, none for
@@ -28,6 +33,7 @@ so that zero-shot accuracy on never-seen pairings is reported on its own.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +42,8 @@ import numpy as np
 from vitdistill.cache.reader import FeatureCache
 from vitdistill.data.shapes import HELDOUT_COMBOS
 from vitdistill.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # Prompt templates per dataset source (``manifest["dataset"]["source"]``), CLIP-style; "generic"
 # serves any other source. They build captions for caption-less caches and zero-shot classifiers.
@@ -114,6 +122,8 @@ class LitData:
     source: str
     captions_generated: bool
     removed_heldout: dict[str, int]  # split -> samples dropped for the compositional hold-out
+    captions_missing: int = 0  # samples of the cache without a caption, in a cache where others have one
+    captions_missing_dropped: int = 0  # of those, left out of LiT (no class names to prompt them with)
 
     def sizes(self) -> dict[str, int]:
         out = {s: len(getattr(self, s)) for s in ("train", "val", "test")}
@@ -145,9 +155,9 @@ def heldout_mask(meta: list[dict] | None, combos=HELDOUT_COMBOS) -> np.ndarray |
     return np.array([(m["colour"], m["shape"]) in combos for m in meta], dtype=bool)
 
 
-def _check_captions(cache_dir: str, keys: list[str], txt: list[str]) -> None:
+def _check_captions(cache_dir: str, keys: list[str], txt: list[str | None]) -> None:
     for key, t in zip(keys, txt):
-        if not t.strip():
+        if t is not None and not t.strip():
             raise DataError(f"{cache_dir}: sample {key!r} has an empty caption; "
                             "expected non-empty text in its txt field")
 
@@ -165,31 +175,56 @@ def _take(d: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def _options(txt: list[str | None] | None, cls: np.ndarray | None, prompt_ids: np.ndarray | None,
+             vocab: _Vocab, k: int) -> np.ndarray:
+    """(N, K) text ids: a caption repeated K times where a sample has one, else its class's first K prompts.
+    K is 1 when every sample has a caption."""
+    if txt is not None and all(t is not None for t in txt):
+        return np.array([[vocab.id(t)] for t in txt], dtype=np.int64).reshape(-1, 1)  # (N, 1)
+    options = prompt_ids[cls, :k].copy()  # (N, K)
+    for i, t in enumerate(txt or ()):
+        if t is not None:
+            options[i] = vocab.id(t)
+    return options
+
+
 def load_lit_data(cache_dir: str, holdout_combos: bool = True, spill_dir: str | None = None) -> LitData:
     fc = FeatureCache.open(cache_dir)
     everything = fc.load(spill_dir=spill_dir)
     emb = everything["emb"]
     everything["rows"] = np.arange(len(emb), dtype=np.int64)
-    split_of = np.array(everything["split"])
-    raw = {s: _take(everything, split_of == s) for s in ("train", "val", "test")}
-    for s in ("train", "test"):
-        if not len(raw[s]["key"]):
-            raise DataError(f"{cache_dir}: split {s!r} has no samples; LiT trains on train and evaluates on test")
     source = (fc.manifest.get("dataset") or {}).get("source") or "generic"
     templates = prompt_templates(source)
     classes = fc.classes
     has_cls = everything["cls"] is not None
     has_txt = everything["txt"] is not None
-    if not has_txt and not (classes and has_cls):
+    can_prompt = bool(classes) and has_cls
+    if not has_txt and not can_prompt:
         raise DataError(f"{cache_dir}: no captions (txt) and no class names with labels (cls); "
                         "LiT needs captions, or class names to build prompts from")
+    keep = np.ones(len(emb), dtype=bool)
+    missing = dropped = 0
     if has_txt:
         _check_captions(cache_dir, everything["key"], everything["txt"])
+        uncaptioned = np.array([t is None for t in everything["txt"]], dtype=bool)
+        missing = int(uncaptioned.sum())
+        if missing and not can_prompt:
+            keep, dropped = ~uncaptioned, missing
+            log.warning("LiT: %d of %d samples of %s have no caption and there are no class names to prompt "
+                        "them with; they are left out of LiT", missing, len(keep), cache_dir)
+        elif missing:
+            log.warning("LiT: %d of %d samples of %s have no caption; their class prompts stand in for it",
+                        missing, len(keep), cache_dir)
     if has_cls and classes and int(everything["cls"].max()) >= len(classes):
         raise DataError(f"{cache_dir}: a cls label is beyond the {len(classes)} class names in the manifest")
+    split_of = np.array(everything["split"])
+    raw = {s: _take(everything, (split_of == s) & keep) for s in ("train", "val", "test")}
+    for s in ("train", "test"):
+        if not len(raw[s]["key"]):
+            raise DataError(f"{cache_dir}: split {s!r} has no samples; LiT trains on train and evaluates on test")
 
     vocab = _Vocab()
-    prompts = class_prompts(classes, templates) if classes and has_cls else None
+    prompts = class_prompts(classes, templates) if can_prompt else None
     prompt_ids = np.array([[vocab.id(p) for p in row] for row in prompts], dtype=np.int64) if prompts else None
     removed: dict[str, int] = {}
     splits: dict[str, LitSplit] = {}
@@ -199,22 +234,20 @@ def load_lit_data(cache_dir: str, holdout_combos: bool = True, spill_dir: str | 
             removed[name] = int(held.sum())
             d = _take(d, ~held)
             held = np.zeros(len(d["key"]), dtype=bool)
-        if has_txt:
-            options = np.array([[vocab.id(t)] for t in d["txt"]], dtype=np.int64).reshape(-1, 1)  # (N, 1)
-        elif name == "test":
-            options = prompt_ids[d["cls"], :1]  # (N, 1): the first template, a canonical caption
-        else:
-            options = prompt_ids[d["cls"]]  # (N, T)
+        k = 1 if name == "test" else len(templates)  # test: the first template, a canonical caption
+        options = _options(d["txt"] if has_txt else None, d["cls"], prompt_ids, vocab, k)
         splits[name] = LitSplit(keys=d["key"], emb=emb, rows=d["rows"], options=options, cls=d["cls"] if has_cls else None,
                                 heldout=held, meta=d["meta"])
     if len(splits["train"]) < 2:
         raise DataError(f"{cache_dir}: {len(splits['train'])} training sample(s) after the hold-out; "
                         "LiT needs at least 2")
-    if has_txt:
-        groups = np.arange(len(vocab.texts), dtype=np.int64)  # (U,) every distinct caption is its own group
-    else:
-        groups = np.empty(len(vocab.texts), dtype=np.int64)
+    u = len(vocab.texts)
+    groups = np.arange(u, dtype=np.int64)  # (U,) every distinct caption is its own group
+    if not has_txt:
         groups[prompt_ids] = np.arange(len(prompt_ids))[:, None]  # (U,) a prompt's group is its class
+    elif missing and can_prompt:  # prompts stand in for missing captions: a class's prompts are one group
+        groups[prompt_ids] = u + np.arange(len(prompt_ids))[:, None]  # (U,) after the captions' groups
     return LitData(texts=vocab.texts, text_groups=groups, train=splits["train"], val=splits["val"], test=splits["test"],
                    classes=classes if has_cls else None, templates=templates, prompt_ids=prompt_ids,
-                   source=source, captions_generated=not has_txt, removed_heldout=removed)
+                   source=source, captions_generated=not has_txt, removed_heldout=removed,
+                   captions_missing=missing, captions_missing_dropped=dropped)

@@ -119,6 +119,9 @@ def _train_and_evaluate(data: LitData, cfg: LitConfig, *, progress: bool, on_epo
                     "temperature": last["temperature"], "train_seconds": train_seconds})
     if "bias" in last:
         metrics["bias"] = last["bias"]
+    if not data.captions_generated:  # the cache has captions: say how many samples had none
+        metrics["captions_missing"] = float(data.captions_missing)
+        metrics["captions_missing_dropped"] = float(data.captions_missing_dropped)
 
     tables: dict[str, list[dict[str, Any]]] = {"history": [dict(r) for r in history]}
     kind = f"{cfg.text_tower}{' (frozen)' if frozen else ''}, {cfg.loss}"
@@ -138,6 +141,9 @@ def _train_and_evaluate(data: LitData, cfg: LitConfig, *, progress: bool, on_epo
             headline += f", held-out combos {zs['heldout_zeroshot_top1']:.3f}"
         headline += ","
     headline += f" i2t R@1 {metrics['retrieval_i2t_r1']:.3f}, t2i R@1 {metrics['retrieval_t2i_r1']:.3f}"
+    if data.captions_missing:
+        instead = "left out" if data.captions_missing_dropped else "class prompts used"
+        headline += f"; {data.captions_missing} of {len(test.emb)} samples had no caption ({instead})"
     return LitReport(metrics=metrics, history=history, tables=tables, figures=figures, model=model,
                      split_sizes=data.sizes(), headline=headline, curves_logged=bool(live))
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError
-from vitdistill.models.teachers import TEACHER_SOURCES, Teacher, error_line, pool_block, state_dict_sha256
+from vitdistill.models.teachers import (TEACHER_SOURCES, Teacher, check_safetensors_in, error_line, pool_block,
+                                        shape_mismatch_message, state_dict_sha256, weights_file_in)
 from vitdistill.seeding import seeded
 
 # model_type of the checkpoint's config -> the transformers class holding its image tower
@@ -135,15 +136,27 @@ def hf_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
         hint = "check the directory" if local else f"offline, {offline}"
         raise ConfigError(f"{where}: model config or image processor could not be loaded ({error_line(e)}); {hint}") from None
     cls = getattr(transformers, VISION_TOWERS.get(config.model_type, "AutoModel"))
+    if local:
+        check_safetensors_in(cfg.checkpoint)  # transformers would not name a garbage weights file
+    mismatched: list = []
     with seeded(0):
         try:
-            if cfg.pretrained or local:
-                model = cls.from_pretrained(src, local_files_only=local)
+            if cfg.pretrained or local:  # mismatched shapes are reported, then refused below, naming the first
+                model, info = cls.from_pretrained(src, local_files_only=local, ignore_mismatched_sizes=True,
+                                                  output_loading_info=True)
+                mismatched = list(info.get("mismatched_keys") or [])
             else:  # random init of the same architecture (a baseline)
                 vision = getattr(config, "vision_config", config) if config.model_type in VISION_TOWERS else config
                 model = cls.from_config(vision) if cls is transformers.AutoModel else cls(vision)
         except Exception as e:
             raise ConfigError(f"teacher {cfg.name!r}: weights could not be loaded ({error_line(e)}); offline, {offline}") from None
+    if mismatched:
+        order = {k: i for i, k in enumerate(model.state_dict())}
+        mismatched.sort(key=lambda m: order.get(m[0], len(order)))
+        weights = weights_file_in(cfg.checkpoint, ("model.safetensors", "pytorch_model.bin")) if local else src
+        raise ConfigError(shape_mismatch_message("teacher.checkpoint" if local else "teacher", weights,
+                                                 f"hf {type(model).__name__} (its config.json)",
+                                                 [(k, tuple(want), tuple(got)) for k, got, want in mismatched]))
     vcfg = getattr(model.config, "vision_config", model.config)
     no_cls = config.model_type.startswith("siglip")
     return HFTeacher(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,9 @@ from torch import nn
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError, RegistryError
 from vitdistill.seeding import seeded
-from vitdistill.models.teachers import (TEACHER_SOURCES, Teacher, error_line, load_state_dict_file, pool_block,
-                                        state_dict_sha256)
+from vitdistill.models.teachers import (TEACHER_SOURCES, Teacher, check_safetensors_in, error_line,
+                                        load_checkpoint_into, pool_block, shape_mismatch_message, size_mismatches,
+                                        state_dict_sha256, weights_file_in)
 
 _CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}
 
@@ -55,24 +57,26 @@ def load_open_clip(spec: str, checkpoint: str | None, pretrained: bool, key: str
                             f"({len(open_clip.list_models())} known)")
     with seeded(0):  # random init is reproducible
         hub = pretrained and checkpoint is None
+        local_dir = model_name.removeprefix("local-dir:") if model_name.startswith("local-dir:") else None
+        if local_dir and hub and os.path.isdir(local_dir):
+            check_safetensors_in(local_dir, key="open_clip local-dir")
         try:
             if model_name.startswith(("hf-hub:", "local-dir:")):
                 model = open_clip.create_model(model_name, load_weights=hub)
             else:
                 model = open_clip.create_model(model_name, pretrained=tag if hub else None)
         except Exception as e:  # download failures come in many types
+            if local_dir and size_mismatches(e):  # open_clip's own loader: weights that do not fit its config
+                weights = weights_file_in(local_dir, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+                raise ConfigError(shape_mismatch_message("open_clip local-dir", weights, "the model of its "
+                                                         "open_clip_config.json", size_mismatches(e))) from None
             raise ConfigError(
                 f"open_clip {spec!r}: could not be loaded ({error_line(e)}); "
                 f"offline, set {key} to a local checkpoint file of {model_name} (open_clip_model.safetensors from its "
                 f"hub repo, or a torch.save'd state dict) or use open_clip:local-dir:DIR"
             ) from None
     if checkpoint:
-        sd = load_state_dict_file(checkpoint).copy()
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ConfigError(f"{key} {checkpoint!r} does not fit open_clip {model_name!r}: "
-                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+        load_checkpoint_into(model, checkpoint, f"open_clip {model_name!r}", key=key)
     return model.eval()
 
 

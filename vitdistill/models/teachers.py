@@ -288,25 +288,95 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Load weights without unpickling code: safetensors, or torch.load(weights_only=True)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"teacher.checkpoint {path!r}: file not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def _open_safetensors(path: str, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a file that is not one (truncated, garbage) is a one-line ConfigError."""
+    from safetensors.torch import load_file
 
-        sd: Any = load_file(path)
+    try:
+        return load_file(path)
+    except Exception as e:  # SafetensorError (HeaderTooLarge, ...), OSError
+        raise ConfigError(f"{key} {path!r}: not a readable safetensors file ({error_line(e)}); "
+                          "expected weights as safetensors writes them") from None
+
+
+def check_safetensors_in(directory: str, key: str = "teacher.checkpoint") -> None:
+    """Every ``*.safetensors`` file in a model directory has a readable header (a library's loader would
+    otherwise fail without naming the file); only the headers are read."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(directory, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    f.keys()
+            except Exception as e:
+                raise ConfigError(f"{key} {path!r}: not a readable safetensors file ({error_line(e)}); "
+                                  "expected weights as safetensors writes them") from None
+
+
+def load_state_dict_file(path: str, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
+    """Load weights without unpickling code: safetensors, or torch.load(weights_only=True). ``key`` is the
+    config key that names ``path`` (in errors)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key} {path!r}: file not found")
+    if path.endswith(".safetensors"):
+        sd: Any = _open_safetensors(path, key)
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors of many types: report the file
-            raise ConfigError(f"teacher.checkpoint {path!r}: not a weights-only checkpoint ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{key} {path!r}: not a weights-only checkpoint ({str(e).splitlines()[0]})") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConfigError(f"teacher.checkpoint {path!r}: expected a mapping of parameter names to tensors")
+        raise ConfigError(f"{key} {path!r}: expected a mapping of parameter names to tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def shape_mismatch_message(key: str, path: str, what: str, mismatched: list[tuple[str, tuple, tuple]]) -> str:
+    """One line for tensors of the right names and the wrong shapes: ``(name, expected, got)``, first one named."""
+    name, expected, got = mismatched[0]
+    more = f" ({len(mismatched)} tensors differ)" if len(mismatched) > 1 else ""
+    return (f"{key} {path!r} does not fit {what}: tensor {name!r} has shape {tuple(got)} in the checkpoint, "
+            f"the model expects {tuple(expected)}{more}")
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+def size_mismatches(e: BaseException) -> list[tuple[str, tuple, tuple]]:
+    """``(name, expected, got)`` of each "size mismatch" in the error of a strict ``load_state_dict`` run by a
+    library's own loader (timm's, open_clip's), for :func:`shape_mismatch_message`."""
+    def shape(text: str) -> tuple:
+        return tuple(int(d) for d in text.split(",") if d.strip())
+
+    return [(m.group(1), shape(m.group(3)), shape(m.group(2))) for m in _SIZE_MISMATCH.finditer(str(e))]
+
+
+def weights_file_in(directory: str, names: Sequence[str]) -> str:
+    """The first of ``names`` present in ``directory`` (the file a library's loader reads), else the directory."""
+    return next((os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))), directory)
+
+
+def load_checkpoint_into(model: nn.Module, path: str, what: str, key: str = "teacher.checkpoint") -> str:
+    """Load the weights file ``path`` (:func:`load_state_dict_file`) into ``model`` exactly: every tensor
+    present, none extra, every shape equal, else one ConfigError line naming the file and the first tensor
+    that differs. ``what`` names the model in that line (``timm 'resnet18'``). Returns the file's sha256."""
+    sd = load_state_dict_file(path, key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ConfigError(f"{key} {path!r} does not fit {what}: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    mismatched = [(k, tuple(own[k].shape), tuple(v.shape)) for k, v in sd.items() if v.shape != own[k].shape]
+    if mismatched:
+        raise ConfigError(shape_mismatch_message(key, path, what, mismatched))
+    model.load_state_dict(sd, strict=True)
+    return file_sha256(path)
 
 
 def error_line(e: BaseException) -> str:
@@ -352,9 +422,14 @@ def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
 
     with seeded(0):
         if cfg.checkpoint and os.path.isdir(cfg.checkpoint):
+            check_safetensors_in(cfg.checkpoint)
             try:
                 model = timm.create_model(f"local-dir:{cfg.checkpoint}", pretrained=cfg.pretrained)
             except Exception as e:  # missing config.json, weights that do not fit
+                if size_mismatches(e):
+                    weights = weights_file_in(cfg.checkpoint, ("model.safetensors", "pytorch_model.bin"))
+                    raise ConfigError(shape_mismatch_message("teacher.checkpoint", weights, f"timm {model_id!r}",
+                                                             size_mismatches(e))) from None
                 raise ConfigError(f"teacher.checkpoint {cfg.checkpoint!r}: not a timm model directory (config.json + "
                                   f"model.safetensors): {error_line(e)}") from None
             return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id), weights_loaded=True)
@@ -369,14 +444,7 @@ def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
 def _timm_from_model(cfg: TeacherConfig, model: nn.Module, architecture: str, weights_loaded: bool = False) -> Teacher:
     """Load ``teacher.checkpoint`` (a weights file) into a timm model and wrap it."""
     if cfg.checkpoint and not weights_loaded:
-        sd = load_state_dict_file(cfg.checkpoint)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ConfigError(
-                f"teacher.checkpoint {cfg.checkpoint!r} does not fit timm {architecture!r}: "
-                f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-            )
-        digest = file_sha256(cfg.checkpoint)
+        digest = load_checkpoint_into(model, cfg.checkpoint, f"timm {architecture!r}")
     else:
         digest = state_dict_sha256(model.state_dict())
     return TimmTeacher(
@@ -419,9 +487,7 @@ def _packaged_effnet(cfg: TeacherConfig, variant: int, weights_path: Callable[[]
     with seeded(0):
         model = timm.create_model(architecture, pretrained=False)
     if cfg.checkpoint:
-        sd = load_state_dict_file(cfg.checkpoint)
-        digest = file_sha256(cfg.checkpoint)
-        model.load_state_dict(sd)
+        digest = load_checkpoint_into(model, cfg.checkpoint, f"timm {architecture!r}")
     elif cfg.pretrained:
         path = weights_path()
         src = load_state_dict_file(path)
