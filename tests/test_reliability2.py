@@ -543,3 +543,60 @@ def test_manifest_and_record_names_cannot_lead_outside_the_cache(make_cfg, tmp_p
     open(f"{plan.cache_dir}/manifest.json", "w").write(_json.dumps(m))
     with pytest.raises(CacheError, match="not a plain relative path inside"):
         FeatureCache.open(plan_extraction(cfg, inputs).cache_dir).shard_urls()
+
+
+# --------------------------------------------------------------------------- integrity of what is read
+
+
+def _shuffle_embeddings_in_place(shard) -> None:
+    """Corrupt a feature shard without changing its size: the samples' emb.npy payloads trade places."""
+    import tarfile
+
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        spans = [(m.offset_data, m.size) for m in tar if m.name.endswith(".emb.npy")]
+    payloads = [bytes(data[o : o + n]) for o, n in spans]
+    for (o, n), p in zip(spans, payloads[1:] + payloads[:1]):
+        data[o : o + n] = p
+    size = shard.stat().st_size
+    shard.write_bytes(bytes(data))
+    assert shard.stat().st_size == size
+
+
+def test_a_repaired_cache_is_probed_again_never_served_its_corrupt_result(prefect_harness, make_cfg):
+    """Embeddings corrupted in place (same size): the probe fails naming the shard instead of computing
+    a result that Prefect would cache under the manifest's content key; after `cache.verify=true`
+    re-extracts the shard (same bytes, same sha256, same key), the probe gives the clean result."""
+    from pathlib import Path
+
+    from prefect import flow
+
+    from tasks.probe import cache_content, compute
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import CacheError
+    from vitdistill.extract import extract
+    from vitdistill.probes.stage import probe_cache
+
+    sets = ("data.limit=60", "probe.fewshot_shots=[1]", "probe.fewshot_seeds=[0]", "probe.knn_k=[3]")
+    cfg = make_cfg(*sets)
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, manifest = extract(cfg, inputs, progress=False)
+    def accuracy(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+
+    clean = accuracy(probe_cache(plan.cache_dir, cfg.probe).metrics)  # the library call: no Prefect cache
+    key = FeatureCache.open(plan.cache_dir).content_sha256()
+
+    @flow
+    def probe_once(cache_dir: str) -> dict:
+        return compute(cfg.probe, cache_dir, cache_content(cache_dir))
+
+    _shuffle_embeddings_in_place(Path(plan.cache_dir) / manifest["shards"][0]["name"])
+    with pytest.raises(CacheError, match=r"feat-00000-000\.tar: sha256 [0-9a-f]{12}\.\.\. does not match the "
+                                         r"manifest's [0-9a-f]{12}\.\.\. .*--set cache\.verify=true") as e:
+        probe_once(plan.cache_dir)
+    assert "\n" not in str(e.value)
+    _, repaired = extract(make_cfg(*sets, "cache.verify=true"), inputs, progress=False)
+    assert repaired["stats"]["shards_extracted"] == 1 and FeatureCache.open(plan.cache_dir).content_sha256() == key
+    assert accuracy(probe_once(plan.cache_dir)["metrics"]) == clean
