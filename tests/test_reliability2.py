@@ -600,3 +600,57 @@ def test_a_repaired_cache_is_probed_again_never_served_its_corrupt_result(prefec
     _, repaired = extract(make_cfg(*sets, "cache.verify=true"), inputs, progress=False)
     assert repaired["stats"]["shards_extracted"] == 1 and FeatureCache.open(plan.cache_dir).content_sha256() == key
     assert accuracy(probe_once(plan.cache_dir)["metrics"]) == clean
+
+
+def _bump_count(r):
+    r["count"] += 1
+
+
+def _bump_split(r):
+    r["split_counts"]["train"] += 1
+
+
+def _count_as_text(r):
+    r["count"] = str(r["count"])
+
+
+def _bump_every_count(r):  # self-consistent: only reading the part (cache.verify) shows it is wrong
+    r["parts"][0]["count"] += 1
+    r["count"] += 1
+    r["split_counts"]["train"] += 1
+
+
+def _move_a_sample_to_val(r):  # the totals still agree: only cache.verify counts the splits
+    r["split_counts"]["train"] -= 1
+    r["split_counts"]["val"] += 1
+
+
+@pytest.mark.parametrize("edit, verify", [(_bump_count, False), (_bump_split, False), (_count_as_text, False),
+                                          (_bump_every_count, True), (_move_a_sample_to_val, True)])
+def test_a_record_with_edited_counts_is_redone(make_cfg, edit, verify):
+    """A shard record whose counts were edited is not trusted: the re-run redoes that shard (only it) and
+    the manifest has the true counts."""
+    import json as _json
+
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.extract import extract
+
+    cfg = make_cfg("data.limit=40", "data.shard_samples=20")
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, manifest = extract(cfg, inputs, progress=False)
+    assert len(plan.inputs) == 2
+    record_url = plan.record_url(0)
+    original = _json.loads(open(record_url).read())
+    record = _json.loads(_json.dumps(original))
+    edit(record)
+    open(record_url, "w").write(_json.dumps(record))
+    _, again = extract(make_cfg("data.limit=40", "data.shard_samples=20", f"cache.verify={str(verify).lower()}"),
+                       inputs, progress=False)
+    assert (again["stats"]["shards_extracted"], again["stats"]["shards_reused"]) == (1, 1)
+    assert again["num_samples"] == manifest["num_samples"] == 40
+    assert again["split"]["counts"] == manifest["split"]["counts"] and again["shards"] == manifest["shards"]
+    fixed = _json.loads(open(record_url).read())
+    assert (fixed["count"], fixed["split_counts"], fixed["parts"]) == (original["count"], original["split_counts"],
+                                                                       original["parts"])
+    FeatureCache.open(plan.cache_dir).verify()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vitdistill.cache import fs
-from vitdistill.cache.tario import TarShardWriter, dump_npy
+from vitdistill.cache.tario import TarShardWriter, dump_npy, iter_tar_samples
 from vitdistill.config import TeacherConfig, VitdistillConfig
 from vitdistill.data.ingest import InputSet
 from vitdistill.data.shards import PASS_THROUGH, SplitRule, decode_image, read_shard, skip_record
@@ -101,17 +101,61 @@ def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
 # --------------------------------------------------------------------------- per shard
 
 
-def _record_is_valid(plan: ExtractionPlan, record: dict) -> bool:
-    for part in record.get("parts", []):
-        try:
-            url = fs.join_inside(plan.cache_dir, part["name"], where=plan.record_url(record["index"]))
-        except CacheError:  # an edited record: redo the shard rather than follow it outside the cache
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _record_is_valid(plan: ExtractionPlan, index: int, record: dict) -> bool:
+    """Whether input shard ``index``'s record can be trusted, so that its shard is reused. Its counts must
+    agree (the record's ``count`` is the sum of its parts' counts and of its ``split_counts``, one per
+    split), and each part must be in the cache with the recorded size; with ``cache.verify`` each part is
+    also read once, its sha256, sample count, key range and split counts compared with the record.
+    Anything else (an edited or malformed record) is not trusted: the shard is redone."""
+    try:
+        if record["index"] != index or record.get("input") != plan.inputs[index]:
             return False
-        if fs.size(url) != part["bytes"]:
+        parts, splits = record["parts"], record["split_counts"]
+        if not isinstance(record["skipped"], list) or not _is_count(record["count"]):
             return False
-        if plan.verify and fs.sha256_file(url) != part["sha256"]:
+        if sorted(splits) != sorted(SPLITS) or not all(_is_count(v) for v in splits.values()):
             return False
-    return record.get("input") == plan.inputs[record["index"]]
+        if not all(_is_count(p["count"]) for p in parts):
+            return False
+        if sum(p["count"] for p in parts) != record["count"] or sum(splits.values()) != record["count"]:
+            return False
+        seen = dict.fromkeys(SPLITS, 0)
+        for part in parts:
+            try:
+                url = fs.join_inside(plan.cache_dir, part["name"], where=plan.record_url(index))
+            except CacheError:  # an edited record: redo the shard rather than follow it outside the cache
+                return False
+            if fs.size(url) != part["bytes"]:
+                return False
+            if plan.verify and not _part_matches(url, part, seen):
+                return False
+        return not plan.verify or seen == splits
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return False
+
+
+def _part_matches(url: str, part: dict, split_counts: dict[str, int]) -> bool:
+    """Read a published part once: its sha256, sample count and key range against the record (adding its
+    samples' splits to ``split_counts``)."""
+    keys: list[str] = []
+    try:
+        with fs.open_read(url) as f:
+            stream = fs.Sha256Reader(f)
+            for key, fields in iter_tar_samples(stream, url):
+                keys.append(key)
+                split = fields.get("split.txt", b"").decode("utf-8", "replace")
+                if split not in split_counts:
+                    return False
+                split_counts[split] += 1
+            digest = stream.hexdigest()
+    except DataError:  # unreadable: redo it
+        return False
+    return (digest == part["sha256"] and len(keys) == part["count"]
+            and keys[:1] == [part["first_key"]] and keys[-1:] == [part["last_key"]])
 
 
 def load_record(plan: ExtractionPlan, index: int) -> dict | None:
@@ -119,7 +163,7 @@ def load_record(plan: ExtractionPlan, index: int) -> dict | None:
         record = fs.read_json(plan.record_url(index))
     except (FileNotFoundError, DataError):
         return None
-    return record if _record_is_valid(plan, record) else None
+    return record if isinstance(record, dict) and _record_is_valid(plan, index, record) else None
 
 
 def finished_records(plan: ExtractionPlan) -> list[dict] | None:
