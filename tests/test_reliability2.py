@@ -654,3 +654,71 @@ def test_a_record_with_edited_counts_is_redone(make_cfg, edit, verify):
     assert (fixed["count"], fixed["split_counts"], fixed["parts"]) == (original["count"], original["split_counts"],
                                                                        original["parts"])
     FeatureCache.open(plan.cache_dir).verify()
+
+
+# --------------------------------------------------------------------------- the same samples twice
+
+
+@pytest.mark.parametrize("second", ["./a.tar", "{d}/link.tar", "{d}/sub/../a.tar"])
+def test_one_shard_under_two_names_is_listed_twice(make_cfg, tmp_path, monkeypatch, second):
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    _shard(tmp_path / "a.tar", 2)
+    (tmp_path / "link.tar").symlink_to(tmp_path / "a.tar")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    second = second.format(d=tmp_path)
+    with pytest.raises(DataError, match=rf"^data\.path: shard {re.escape(second)} is listed twice \({tmp_path}/a\.tar "
+                                        rf"is the same file, {tmp_path}/a\.tar\); each shard may appear once$"):
+        resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar::{second}"), progress=False)
+
+
+@pytest.mark.parametrize("on_error", ["error", "skip"])
+def test_a_key_in_two_input_shards_fails_the_extraction_naming_both(make_cfg, tmp_path, on_error):
+    """A copy of a shard under another name, or shards that overlap: the extraction fails in one line
+    naming the key and both shards (whatever data.on_error), and writes no manifest."""
+    import shutil
+
+    from tests.test_extract import write_wds
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+    from vitdistill.extract import extract
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_wds(d / "a.tar", 6)
+    shutil.copy(d / "a.tar", d / "copy.tar")
+    write_wds(d / "overlap.tar", 6, start=4)
+    write_wds(d / "next.tar", 6, start=6)
+    for other, key in (("copy", "s0000"), ("overlap", "s0004")):
+        cfg = make_cfg("data.source=wds", f"data.path={d}/a.tar::{d}/{other}.tar", f"data.on_error={on_error}")
+        inputs = resolve_inputs(cfg, progress=False)
+        with pytest.raises(DataError, match=rf"^data\.path: key '{key}' is in two input shards, {d}/a\.tar and "
+                                            rf"{d}/{other}\.tar; sample keys must be unique across shards") as e:
+            extract(cfg, inputs, progress=False)
+        assert "\n" not in str(e.value)
+        assert not [p for p in (tmp_path / "cache").rglob("manifest.json") if "features" in str(p)]
+    cfg = make_cfg("data.source=wds", f"data.path={d}/a.tar::{d}/next.tar")
+    _, manifest = extract(cfg, resolve_inputs(cfg, progress=False), progress=False)
+    assert manifest["num_samples"] == 12
+
+
+def test_a_record_without_keys_gets_them_from_its_shard_not_a_re_extraction(make_cfg):
+    """Records written before they listed their keys: the keys are read from the cached parts once (and
+    written into the record), instead of extracting the shard again."""
+    import json as _json
+
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.extract import extract
+
+    cfg = make_cfg("data.limit=40", "data.shard_samples=20")
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, _ = extract(cfg, inputs, progress=False)
+    record = _json.loads(open(plan.record_url(0)).read())
+    keys = record.pop("keys")
+    assert len(keys) == record["count"] == 20
+    open(plan.record_url(0), "w").write(_json.dumps(record))
+    _, again = extract(cfg, inputs, progress=False)
+    assert again["stats"]["shards_extracted"] == 0
+    assert _json.loads(open(plan.record_url(0)).read())["keys"] == keys
