@@ -216,7 +216,7 @@ def open_read(url: str) -> IO[bytes]:
 
 class Sha256Reader:
     """A read-only stream that hashes every byte handed out, so a shard is checked in the same pass
-    that parses it (sha256 costs about 1.4 ms a MB, a few percent of parsing the same bytes)."""
+    that parses it (a 33 MB shard of 5,000 samples: tar parsing 0.49 s, with the hash 0.59 s)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw, self._sha = raw, hashlib.sha256()
