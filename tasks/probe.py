@@ -25,8 +25,10 @@ def cache_content(cache_dir: str) -> str:
       cache_expiration=timedelta(days=30))
 def compute(probe: ProbeConfig, cache_dir: str, content_sha256: str) -> dict:
     """Linear (regularisation sweep), few-shot and kNN probes. Cached across runs on the probe config
-    and the cache's content (``content_sha256``), never on run ids: the same features and settings
-    are probed once."""
+    and the cache's content (``content_sha256``: every shard's sha256), never on run ids: the same
+    features and settings are probed once. The key names the bytes the result came from because the
+    reader checks every shard against its sha256 as it reads: a shard changed in place fails the probe
+    (nothing is cached), and after a repair (``cache.verify=true``) the probe computes again."""
     return probe_cache(cache_dir, probe).to_dict()
 
 

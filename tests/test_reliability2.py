@@ -646,3 +646,182 @@ def test_manifest_and_record_names_cannot_lead_outside_the_cache(make_cfg, tmp_p
     open(f"{plan.cache_dir}/manifest.json", "w").write(_json.dumps(m))
     with pytest.raises(CacheError, match="not a plain relative path inside"):
         FeatureCache.open(plan_extraction(cfg, inputs).cache_dir).shard_urls()
+
+
+# --------------------------------------------------------------------------- integrity of what is read
+
+
+def _shuffle_embeddings_in_place(shard) -> None:
+    """Corrupt a feature shard without changing its size: the samples' emb.npy payloads trade places."""
+    import tarfile
+
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        spans = [(m.offset_data, m.size) for m in tar if m.name.endswith(".emb.npy")]
+    payloads = [bytes(data[o : o + n]) for o, n in spans]
+    for (o, n), p in zip(spans, payloads[1:] + payloads[:1]):
+        data[o : o + n] = p
+    size = shard.stat().st_size
+    shard.write_bytes(bytes(data))
+    assert shard.stat().st_size == size
+
+
+def test_a_repaired_cache_is_probed_again_never_served_its_corrupt_result(prefect_harness, make_cfg):
+    """Embeddings corrupted in place (same size): the probe fails naming the shard instead of computing
+    a result that Prefect would cache under the manifest's content key; after `cache.verify=true`
+    re-extracts the shard (same bytes, same sha256, same key), the probe gives the clean result."""
+    from pathlib import Path
+
+    from prefect import flow
+
+    from tasks.probe import cache_content, compute
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import CacheError
+    from vitdistill.extract import extract
+    from vitdistill.probes.stage import probe_cache
+
+    sets = ("data.limit=60", "probe.fewshot_shots=[1]", "probe.fewshot_seeds=[0]", "probe.knn_k=[3]")
+    cfg = make_cfg(*sets)
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, manifest = extract(cfg, inputs, progress=False)
+    def accuracy(metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+
+    clean = accuracy(probe_cache(plan.cache_dir, cfg.probe).metrics)  # the library call: no Prefect cache
+    key = FeatureCache.open(plan.cache_dir).content_sha256()
+
+    @flow
+    def probe_once(cache_dir: str) -> dict:
+        return compute(cfg.probe, cache_dir, cache_content(cache_dir))
+
+    _shuffle_embeddings_in_place(Path(plan.cache_dir) / manifest["shards"][0]["name"])
+    with pytest.raises(CacheError, match=r"feat-00000-000\.tar: sha256 [0-9a-f]{12}\.\.\. does not match the "
+                                         r"manifest's [0-9a-f]{12}\.\.\. .*--set cache\.verify=true") as e:
+        probe_once(plan.cache_dir)
+    assert "\n" not in str(e.value)
+    _, repaired = extract(make_cfg(*sets, "cache.verify=true"), inputs, progress=False)
+    assert repaired["stats"]["shards_extracted"] == 1 and FeatureCache.open(plan.cache_dir).content_sha256() == key
+    assert accuracy(probe_once(plan.cache_dir)["metrics"]) == clean
+
+
+def _bump_count(r):
+    r["count"] += 1
+
+
+def _bump_split(r):
+    r["split_counts"]["train"] += 1
+
+
+def _count_as_text(r):
+    r["count"] = str(r["count"])
+
+
+def _bump_every_count(r):  # self-consistent: only reading the part (cache.verify) shows it is wrong
+    r["parts"][0]["count"] += 1
+    r["count"] += 1
+    r["split_counts"]["train"] += 1
+
+
+def _move_a_sample_to_val(r):  # the totals still agree: only cache.verify counts the splits
+    r["split_counts"]["train"] -= 1
+    r["split_counts"]["val"] += 1
+
+
+@pytest.mark.parametrize("edit, verify", [(_bump_count, False), (_bump_split, False), (_count_as_text, False),
+                                          (_bump_every_count, True), (_move_a_sample_to_val, True)])
+def test_a_record_with_edited_counts_is_redone(make_cfg, edit, verify):
+    """A shard record whose counts were edited is not trusted: the re-run redoes that shard (only it) and
+    the manifest has the true counts."""
+    import json as _json
+
+    from vitdistill.cache.reader import FeatureCache
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.extract import extract
+
+    cfg = make_cfg("data.limit=40", "data.shard_samples=20")
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, manifest = extract(cfg, inputs, progress=False)
+    assert len(plan.inputs) == 2
+    record_url = plan.record_url(0)
+    original = _json.loads(open(record_url).read())
+    record = _json.loads(_json.dumps(original))
+    edit(record)
+    open(record_url, "w").write(_json.dumps(record))
+    _, again = extract(make_cfg("data.limit=40", "data.shard_samples=20", f"cache.verify={str(verify).lower()}"),
+                       inputs, progress=False)
+    assert (again["stats"]["shards_extracted"], again["stats"]["shards_reused"]) == (1, 1)
+    assert again["num_samples"] == manifest["num_samples"] == 40
+    assert again["split"]["counts"] == manifest["split"]["counts"] and again["shards"] == manifest["shards"]
+    fixed = _json.loads(open(record_url).read())
+    assert (fixed["count"], fixed["split_counts"], fixed["parts"]) == (original["count"], original["split_counts"],
+                                                                       original["parts"])
+    FeatureCache.open(plan.cache_dir).verify()
+
+
+# --------------------------------------------------------------------------- the same samples twice
+
+
+@pytest.mark.parametrize("second", ["./a.tar", "{d}/link.tar", "{d}/sub/../a.tar"])
+def test_one_shard_under_two_names_is_listed_twice(make_cfg, tmp_path, monkeypatch, second):
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    _shard(tmp_path / "a.tar", 2)
+    (tmp_path / "link.tar").symlink_to(tmp_path / "a.tar")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    second = second.format(d=tmp_path)
+    with pytest.raises(DataError, match=rf"^data\.path: shard {re.escape(second)} is listed twice \({tmp_path}/a\.tar "
+                                        rf"is the same file, {tmp_path}/a\.tar\); each shard may appear once$"):
+        resolve_inputs(_wds_cfg(make_cfg, f"{tmp_path}/a.tar::{second}"), progress=False)
+
+
+@pytest.mark.parametrize("on_error", ["error", "skip"])
+def test_a_key_in_two_input_shards_fails_the_extraction_naming_both(make_cfg, tmp_path, on_error):
+    """A copy of a shard under another name, or shards that overlap: the extraction fails in one line
+    naming the key and both shards (whatever data.on_error), and writes no manifest."""
+    import shutil
+
+    from tests.test_extract import write_wds
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+    from vitdistill.extract import extract
+
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_wds(d / "a.tar", 6)
+    shutil.copy(d / "a.tar", d / "copy.tar")
+    write_wds(d / "overlap.tar", 6, start=4)
+    write_wds(d / "next.tar", 6, start=6)
+    for other, key in (("copy", "s0000"), ("overlap", "s0004")):
+        cfg = make_cfg("data.source=wds", f"data.path={d}/a.tar::{d}/{other}.tar", f"data.on_error={on_error}")
+        inputs = resolve_inputs(cfg, progress=False)
+        with pytest.raises(DataError, match=rf"^data\.path: key '{key}' is in two input shards, {d}/a\.tar and "
+                                            rf"{d}/{other}\.tar; sample keys must be unique across shards") as e:
+            extract(cfg, inputs, progress=False)
+        assert "\n" not in str(e.value)
+        assert not [p for p in (tmp_path / "cache").rglob("manifest.json") if "features" in str(p)]
+    cfg = make_cfg("data.source=wds", f"data.path={d}/a.tar::{d}/next.tar")
+    _, manifest = extract(cfg, resolve_inputs(cfg, progress=False), progress=False)
+    assert manifest["num_samples"] == 12
+
+
+def test_a_record_without_keys_gets_them_from_its_shard_not_a_re_extraction(make_cfg):
+    """Records written before they listed their keys: the keys are read from the cached parts once (and
+    written into the record), instead of extracting the shard again."""
+    import json as _json
+
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.extract import extract
+
+    cfg = make_cfg("data.limit=40", "data.shard_samples=20")
+    inputs = resolve_inputs(cfg, progress=False)
+    plan, _ = extract(cfg, inputs, progress=False)
+    record = _json.loads(open(plan.record_url(0)).read())
+    keys = record.pop("keys")
+    assert len(keys) == record["count"] == 20
+    open(plan.record_url(0), "w").write(_json.dumps(record))
+    _, again = extract(cfg, inputs, progress=False)
+    assert again["stats"]["shards_extracted"] == 0
+    assert _json.loads(open(plan.record_url(0)).read())["keys"] == keys

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vitdistill.cache import fs
-from vitdistill.cache.tario import TarShardWriter, dump_npy
+from vitdistill.cache.tario import TarShardWriter, dump_npy, iter_tar_samples
 from vitdistill.config import TeacherConfig, VitdistillConfig
 from vitdistill.data.ingest import InputSet
 from vitdistill.data.shards import PASS_THROUGH, SplitRule, decode_image, read_shard, skip_record
@@ -101,25 +101,95 @@ def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
 # --------------------------------------------------------------------------- per shard
 
 
-def _record_is_valid(plan: ExtractionPlan, record: dict) -> bool:
-    for part in record.get("parts", []):
-        try:
-            url = fs.join_inside(plan.cache_dir, part["name"], where=plan.record_url(record["index"]))
-        except CacheError:  # an edited record: redo the shard rather than follow it outside the cache
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _record_is_valid(plan: ExtractionPlan, index: int, record: dict) -> bool:
+    """Whether input shard ``index``'s record can be trusted, so that its shard is reused. Its counts must
+    agree (the record's ``count`` is the sum of its parts' counts, of its ``split_counts``, one per split,
+    and the length of its ``keys``), and each part must be in the cache with the recorded size; with
+    ``cache.verify`` each part is also read once, its sha256, sample count, keys and splits compared with
+    the record. Anything else (an edited or malformed record) is not trusted: the shard is redone."""
+    try:
+        if record["index"] != index or record.get("input") != plan.inputs[index]:
             return False
-        if fs.size(url) != part["bytes"]:
+        parts, splits, keys = record["parts"], record["split_counts"], record.get("keys")
+        if not isinstance(record["skipped"], list) or not _is_count(record["count"]):
             return False
-        if plan.verify and fs.sha256_file(url) != part["sha256"]:
+        if sorted(splits) != sorted(SPLITS) or not all(_is_count(v) for v in splits.values()):
             return False
-    return record.get("input") == plan.inputs[record["index"]]
+        if not all(_is_count(p["count"]) for p in parts):
+            return False
+        if sum(p["count"] for p in parts) != record["count"] or sum(splits.values()) != record["count"]:
+            return False
+        if keys is not None and (len(keys) != record["count"] or not all(isinstance(k, str) for k in keys)):
+            return False
+        read_keys: list[str] = []
+        read_splits: list[str] = []
+        for part in parts:
+            try:
+                url = fs.join_inside(plan.cache_dir, part["name"], where=plan.record_url(index))
+            except CacheError:  # an edited record: redo the shard rather than follow it outside the cache
+                return False
+            if fs.size(url) != part["bytes"]:
+                return False
+            if plan.verify:
+                scanned = _scan_part(url)
+                if scanned is None or scanned[0] != part["sha256"] or len(scanned[1]) != part["count"]:
+                    return False
+                if scanned[1][:1] != [part["first_key"]] or scanned[1][-1:] != [part["last_key"]]:
+                    return False
+                read_keys += scanned[1]
+                read_splits += scanned[2]
+        if plan.verify:
+            if {s: read_splits.count(s) for s in SPLITS} != splits or len(read_splits) != record["count"]:
+                return False
+            if keys is not None and keys != read_keys:
+                return False
+        return True
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return False
+
+
+def _scan_part(url: str) -> tuple[str, list[str], list[str]] | None:
+    """A published part read once: (sha256, its samples' keys, their splits); None if it is unreadable."""
+    keys: list[str] = []
+    splits: list[str] = []
+    try:
+        with fs.open_read(url) as f:
+            stream = fs.Sha256Reader(f)
+            for key, fields in iter_tar_samples(stream, url):
+                keys.append(key)
+                splits.append(fields.get("split.txt", b"").decode("utf-8", "replace"))
+            return stream.hexdigest(), keys, splits
+    except DataError:
+        return None
 
 
 def load_record(plan: ExtractionPlan, index: int) -> dict | None:
+    url = plan.record_url(index)
     try:
-        record = fs.read_json(plan.record_url(index))
+        record = fs.read_json(url)
     except (FileNotFoundError, DataError):
         return None
-    return record if _record_is_valid(plan, record) else None
+    if not isinstance(record, dict) or not _record_is_valid(plan, index, record):
+        return None
+    if "keys" not in record:  # written before records listed their keys: read them from the parts, once
+        keys = []
+        for part in record["parts"]:
+            scanned = _scan_part(fs.join_inside(plan.cache_dir, part["name"], where=url))
+            if scanned is None:
+                return None
+            keys += scanned[1]
+        if len(keys) != record["count"]:
+            return None
+        record = {**record, "keys": keys}
+        try:
+            fs.write_json_atomic(url, record)
+        except (OSError, CacheError) as e:  # a read-only cache: read them again next time
+            log.debug("record %s not updated with its keys: %s", url, e)
+    return record
 
 
 def finished_records(plan: ExtractionPlan) -> list[dict] | None:
@@ -322,6 +392,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
     fs.makedirs(plan.cache_dir)
     t0 = time.perf_counter()
     count = 0
+    keys: list[str] = []
     bar = progress_bar(progress, desc=shard.rsplit("/", 1)[-1], unit="img", leave=False)
     pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="decode")
     try:
@@ -339,6 +410,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
             logits_np = logits.cpu().numpy() if logits is not None else None
             layers_np = out.layers.cpu().numpy() if out.layers is not None else None
             for i, key in enumerate(batch.keys):
+                keys.append(key)
                 fields = _sample_fields(plan, key, emb_np[i], None if logits_np is None else logits_np[i], batch.extras[i],
                                         None if layers_np is None else layers_np[i])
                 split_counts[fields["split.txt"].decode()] += 1
@@ -364,6 +436,7 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
         "split_counts": split_counts,
         "seconds": round(seconds, 3),
         "images_per_s": round(count / seconds, 2) if seconds > 0 else None,
+        "keys": keys,  # in shard order; finalize_cache checks that no key is in two input shards
     }
     fs.write_json_atomic(plan.record_url(index), record)
     log.info("extracted %s: %d samples in %.1f s (%d skipped)", shard.rsplit("/", 1)[-1], count, seconds, len(skipped))
@@ -373,9 +446,24 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
 # --------------------------------------------------------------------------- manifest
 
 
+def _check_unique_keys(records: list[dict]) -> None:
+    """A sample key in two input shards (a copy of a shard under another name, shards that overlap) would
+    be cached, split and probed twice: an error naming the key and both shards, whatever ``data.on_error``
+    says (it is no bad sample to skip but a wrong list of inputs). Holds every key once in a set: O(N)
+    strings, ~110 bytes a key with the records' lists (11 MB measured for 100,000 keys of 15 characters)."""
+    first: dict[str, int] = {}
+    for r in records:
+        for key in r["keys"]:
+            j = first.setdefault(key, r["index"])
+            if j != r["index"]:
+                raise DataError(f"data.path: key {key!r} is in two input shards, {records[j]['input']} and {r['input']}; "
+                                "sample keys must be unique across shards (is one a copy of the other?)")
+
+
 def finalize_cache(plan: ExtractionPlan, records: list[dict]) -> dict:
     """Write ``manifest.json`` (last) from the shard records; returns it."""
     records = plan.ordered_records(records, "the extraction")
+    _check_unique_keys(records)
     shards = [{**p, "input": r["input"]} for r in records for p in r["parts"]]
     skipped = [s for r in records for s in r["skipped"]]
     split_counts = {s: sum(r["split_counts"][s] for r in records) for s in SPLITS}

@@ -8,12 +8,17 @@
         ...
 
 The shards are plain webdataset tars, so ``webdataset.WebDataset(fc.shard_urls())`` reads them
-too. This reader is stricter: it checks each sample against the manifest's layout and refuses
-pickle-format fields.
+too. This reader is stricter: it checks each sample against the manifest's layout, refuses
+pickle-format fields, and hashes every shard as it streams by: a shard whose bytes differ from the
+sha256 its manifest states fails the read (after its last sample, before the caller's result exists).
+So whatever is computed from a :class:`FeatureCache` comes from exactly the bytes that
+:meth:`FeatureCache.content_sha256` names, and results keyed on it (the probe stage's Prefect cache,
+the saved teacher probe) can never hold numbers of a corrupted shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Iterator, Sequence
@@ -59,9 +64,9 @@ class FeatureCache:
 
     def content_sha256(self) -> str:
         """Identifies the cached features (teacher, preprocessing, every shard's checksum), not when or
-        how often the manifest was written: a key for results computed from this cache."""
-        import hashlib
-
+        how often the manifest was written: a key for results computed from this cache. The key is sound
+        because the reader checks each shard's bytes against that checksum: a result computed from this
+        cache is a result of these bytes (a shard repaired to the same checksum gives the same result)."""
         m = self.manifest
         blob = json.dumps([m["teacher"], m.get("preprocessing"), m.get("dtype"), [s.get("sha256") or [s.get("name"), s.get("count")] for s in m["shards"]]], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -80,13 +85,27 @@ class FeatureCache:
             except FileNotFoundError:
                 raise CacheError(f"{url}: shard listed in the manifest is missing") from None
             with f:
-                for key, fields in iter_tar_samples(f, url):
-                    n += 1
-                    sample = self._decode(key, fields, url, dim)
-                    if split is None or sample["split"] == split:
-                        yield sample
+                stream = fs.Sha256Reader(f)
+                try:
+                    for key, fields in iter_tar_samples(stream, url):
+                        n += 1
+                        sample = self._decode(key, fields, url, dim)
+                        if split is None or sample["split"] == split:
+                            yield sample
+                except (CacheError, DataError) as e:  # a changed shard: say so, rather than what broke first
+                    self._check_sha256(url, shard, stream.hexdigest(), cause=e)
+                    raise
+                self._check_sha256(url, shard, stream.hexdigest())
             if n != shard["count"]:
                 raise CacheError(f"{url}: holds {n} samples but the manifest says {shard['count']}")
+
+    @staticmethod
+    def _check_sha256(url: str, shard: dict, digest: str, cause: Exception | None = None) -> None:
+        expected = shard.get("sha256")
+        if expected and digest != expected:
+            raise CacheError(f"{url}: sha256 {digest[:12]}... does not match the manifest's {expected[:12]}... "
+                             "(the shard or the manifest changed after extraction); re-run the extraction with "
+                             "--set cache.verify=true to rebuild it") from cause
 
     def _decode(self, key: str, fields: dict[str, bytes], url: str, dim: int) -> dict[str, Any]:
         where = f"{url}: sample {key!r}"
@@ -153,13 +172,8 @@ class FeatureCache:
         return {s: c.finish() for s, c in columns.items()}
 
     def verify(self) -> None:
-        """Check every shard's sha256 and sample count against the manifest."""
-        for url, shard in zip(self.shard_urls(), self.manifest["shards"]):
-            if fs.size(url) is None:
-                raise CacheError(f"{url}: shard listed in the manifest is missing")
-            digest = fs.sha256_file(url)
-            if digest != shard["sha256"]:
-                raise CacheError(f"{url}: sha256 {digest[:12]}... does not match the manifest's {shard['sha256'][:12]}...")
+        """Check every shard's sha256, sample count and samples against the manifest (a full read: the
+        reader checks all of it on every read)."""
         for _ in self.iter_samples():
             pass
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 
 from braceexpand import braceexpand
@@ -131,20 +132,32 @@ def _write_shards(ds, out_dir: str, per_shard: int, fingerprint: str, progress: 
     }
 
 
+def _same_file(url: str) -> str:
+    """What identifies a shard's file: the real path of a local one (``./a.tar``, ``d/../a.tar`` and a
+    symlink to ``a.tar`` are ``a.tar``), the URL of a remote one."""
+    if fs.is_remote(url):
+        return url
+    return os.path.realpath(os.path.expanduser(url.removeprefix("file://")))
+
+
 def expand_pattern(pattern: str) -> list[str]:
     """``"s3://b/train-{000..009}.tar"`` -> ten URLs; several patterns may be joined with ``::``.
 
-    An empty part (``a.tar::``) and a shard listed twice are errors: either would silently change
-    what the extraction reads."""
+    An empty part (``a.tar::``) and a shard listed twice (also under another name: ``a.tar::./a.tar``,
+    or a symlink to it) are errors: either would silently change what the extraction reads. A copy under
+    another name holds the same keys: the extraction refuses that (:func:`vitdistill.extract.finalize_cache`)."""
     urls: list[str] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for i, part in enumerate(pattern.split("::")):
         if not part.strip():
             raise DataError(f"data.path {pattern!r}: part {i + 1} of the '::'-separated list is empty")
         for url in braceexpand(part.strip()):
-            if url in seen:
-                raise DataError(f"data.path: shard {url} is listed twice (each shard may appear once)")
-            seen.add(url)
+            file = _same_file(url)
+            if file in seen:
+                first = seen[file]
+                again = "" if first == url else f" ({first} is the same file, {file})"
+                raise DataError(f"data.path: shard {url} is listed twice{again}; each shard may appear once")
+            seen[file] = url
             urls.append(url)
     return urls
 
