@@ -108,8 +108,8 @@ def test_every_stage_survives_sigint_and_sigkill_and_resumes_to_the_same_metrics
     assert r.returncode == 0, r.stderr[-3000:]
     straight = json.loads((straight_dir / "r.json").read_text())
 
-    for stage, sig in [("extract", signal.SIGINT), ("lit", signal.SIGKILL), ("distill", signal.SIGINT),
-                       ("evaluate", signal.SIGKILL), ("evaluate", signal.SIGINT)]:
+    for stage, sig in [("extract", signal.SIGINT), ("lit", signal.SIGINT), ("lit", signal.SIGKILL),
+                       ("distill", signal.SIGINT), ("evaluate", signal.SIGKILL), ("evaluate", signal.SIGINT)]:
         r, seconds, servers = _interrupt(work, stage, sig)
         if sig == signal.SIGINT:
             assert r.returncode == 130, (stage, r.returncode, r.stderr[-3000:])
