@@ -44,8 +44,6 @@ log = logging.getLogger("vitdistill.flows")
 def run_graph(config: VitdistillConfig, target: str) -> dict:
     """Run ``target`` (a stage or ``pipeline``) and what it needs as a graph of stage tasks under one MLflow
     parent run, then, when the evaluate stage ran, write the run's HTML report (``report.enabled``)."""
-    import torch
-
     route_library_logs()
     watch_prefect_api()  # a deployment's run ends when its Prefect server is gone, instead of lingering
     STOP.clear()
@@ -53,11 +51,16 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     nodes = _nodes(config, names)
     workers = stage_concurrency(config.orchestration.stage_concurrency, names)
     tracker = get_tracker(config.tracking)
-    threads = torch.get_num_threads()
+    torch, threads = None, None
     if workers > 1:  # concurrent stages share the cores instead of each taking all of them
+        import torch  # only then: one stage at a time (a no-op re-run among them) never imports it here
+
+        threads = torch.get_num_threads()
         torch.set_num_threads(min(threads, threads_per_stage(workers)))
-    log.info("running %s with up to %d stage(s) at once, %d torch thread(s) each", ", ".join(nodes), workers,
-             torch.get_num_threads())
+        log.info("running %s with up to %d stages at once, %d torch thread(s) each", ", ".join(nodes), workers,
+                 torch.get_num_threads())
+    else:
+        log.info("running %s, one stage at a time", ", ".join(nodes))
     parent = open_run(config, f"vitdistill-{target}", None)
     try:
         with ThreadPoolTaskRunner(max_workers=workers) as runner:
@@ -66,7 +69,8 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
         close_run(config, parent, "FAILED")
         raise
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
     results = [_result(node, futures[key]) for key, node in nodes.items()]
     failed = [r for r in results if r.status == "failed"]
     lost = [f for f in futures.values() if isinstance(f.state.result(raise_on_failure=False), TrackingServerLost)]
