@@ -88,7 +88,7 @@ def main() -> None:
         print(f"  {'phase':28s} {'cold':>7s} {'warm':>7s}")
         for k in keys:
             print(f"  {k:28s} {cold_phases.get(k, 0):7.2f} {statistics.median(p[k] for p in phases):7.2f}")
-        serial = ("config_and_watchdog", "prefect_api_check", "mlflow", "imports_flows_torch_timm",
+        serial = ("config_and_watchdog", "prefect_api_check", "mlflow", "imports_flows",
                   "ephemeral_api_wait", "flow")
         rest = [t - sum(p[k] for k in serial) for t, p in zip(warm, phases)]
         print(f"  {'process (start, CLI import, exit)':28s} {cold - sum(cold_phases[k] for k in serial):7.2f} "
