@@ -195,23 +195,24 @@ def make_flow(target: str):
 
 
 def get_flow(target: str):
-    """The flow of ``target``; a stage registered after this module was imported gets one built now."""
+    """The flow of ``target`` (a registered stage or ``pipeline``), built on first use: building one
+    renders its parameter schema (the whole config tree, about 0.1 s), and a command runs one flow."""
     if target not in FLOWS:
-        STAGES.stage(target)  # an unknown name fails naming the valid stages
+        if target != PIPELINE:
+            STAGES.stage(target)  # an unknown name fails naming the valid stages
         FLOWS[target] = make_flow(target)
     return FLOWS[target]
 
 
-FLOWS = {t: make_flow(t) for t in [PIPELINE, *STAGES.names()]}
-pipeline_flow = FLOWS[PIPELINE]  # the deployments' entrypoints are flows/pipeline.py:<target>_flow
-extract_flow, probe_flow, lit_flow = FLOWS["extract"], FLOWS["probe"], FLOWS["lit"]
-distill_flow, evaluate_flow = FLOWS["distill"], FLOWS["evaluate"]
+FLOWS: dict = {}  # target -> its flow, as get_flow builds them
 
 
 def __getattr__(name: str):
-    """``<stage>_flow`` of any registered stage (the entrypoint a deployment names)."""
-    if name.endswith("_flow") and name[: -len("_flow")] in STAGES:
-        return get_flow(name[: -len("_flow")])
+    """``<target>_flow``: ``pipeline_flow`` or that of any registered stage (``extract_flow``, ...), the
+    entrypoints the deployments name (``flows/pipeline.py:<target>_flow``)."""
+    target = name[: -len("_flow")] if name.endswith("_flow") else ""
+    if target == PIPELINE or (target and target in STAGES):
+        return get_flow(target)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -224,4 +225,4 @@ def report_flow(config: VitdistillConfig = VitdistillConfig(), run_id: str | Non
 
 
 if __name__ == "__main__":
-    pipeline_flow()
+    get_flow(PIPELINE)()
