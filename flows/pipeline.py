@@ -45,8 +45,6 @@ log = logging.getLogger("vitdistill.flows")
 def run_graph(config: VitdistillConfig, target: str) -> dict:
     """Run ``target`` (a stage or ``pipeline``) and what it needs as a graph of stage tasks under one MLflow
     parent run, then, when the evaluate stage ran, write the run's HTML report (``report.enabled``)."""
-    import torch
-
     route_library_logs()
     watch_prefect_api()  # a deployment's run ends when its Prefect server is gone, instead of lingering
     config = reveal(config)  # the parameter's passwords are masked: put them back from this process or the file
@@ -55,11 +53,16 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
     nodes = _nodes(config, names)
     workers = stage_concurrency(config.orchestration.stage_concurrency, names, config)
     tracker = get_tracker(config.tracking)
-    threads = torch.get_num_threads()
+    torch, threads = None, None
     if workers > 1:  # concurrent stages share the cores instead of each taking all of them
+        import torch  # only then: one stage at a time (a no-op re-run among them) never imports it here
+
+        threads = torch.get_num_threads()
         torch.set_num_threads(min(threads, threads_per_stage(workers)))
-    log.info("running %s with up to %d stage(s) at once, %d torch thread(s) each", ", ".join(nodes), workers,
-             torch.get_num_threads())
+        log.info("running %s with up to %d stages at once, %d torch thread(s) each", ", ".join(nodes), workers,
+                 torch.get_num_threads())
+    else:
+        log.info("running %s, one stage at a time", ", ".join(nodes))
     parent = open_run(config, f"vitdistill-{target}", None)
     try:
         with ThreadPoolTaskRunner(max_workers=workers) as runner:
@@ -68,7 +71,8 @@ def run_graph(config: VitdistillConfig, target: str) -> dict:
         close_run(config, parent, "FAILED")
         raise
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
     results = [_result(node, futures[key]) for key, node in nodes.items()]
     failed = [r for r in results if r.status == "failed"]
     lost = [f for f in futures.values() if isinstance(f.state.result(raise_on_failure=False), TrackingServerLost)]
@@ -193,23 +197,24 @@ def make_flow(target: str):
 
 
 def get_flow(target: str):
-    """The flow of ``target``; a stage registered after this module was imported gets one built now."""
+    """The flow of ``target`` (a registered stage or ``pipeline``), built on first use: building one
+    renders its parameter schema (the whole config tree, about 0.1 s), and a command runs one flow."""
     if target not in FLOWS:
-        STAGES.stage(target)  # an unknown name fails naming the valid stages
+        if target != PIPELINE:
+            STAGES.stage(target)  # an unknown name fails naming the valid stages
         FLOWS[target] = make_flow(target)
     return FLOWS[target]
 
 
-FLOWS = {t: make_flow(t) for t in [PIPELINE, *STAGES.names()]}
-pipeline_flow = FLOWS[PIPELINE]  # the deployments' entrypoints are flows/pipeline.py:<target>_flow
-extract_flow, probe_flow, lit_flow = FLOWS["extract"], FLOWS["probe"], FLOWS["lit"]
-distill_flow, evaluate_flow = FLOWS["distill"], FLOWS["evaluate"]
+FLOWS: dict = {}  # target -> its flow, as get_flow builds them
 
 
 def __getattr__(name: str):
-    """``<stage>_flow`` of any registered stage (the entrypoint a deployment names)."""
-    if name.endswith("_flow") and name[: -len("_flow")] in STAGES:
-        return get_flow(name[: -len("_flow")])
+    """``<target>_flow``: ``pipeline_flow`` or that of any registered stage (``extract_flow``, ...), the
+    entrypoints the deployments name (``flows/pipeline.py:<target>_flow``)."""
+    target = name[: -len("_flow")] if name.endswith("_flow") else ""
+    if target == PIPELINE or (target and target in STAGES):
+        return get_flow(target)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -222,4 +227,4 @@ def report_flow(config: VitdistillConfig = VitdistillConfig(), run_id: str | Non
 
 
 if __name__ == "__main__":
-    pipeline_flow()
+    get_flow(PIPELINE)()

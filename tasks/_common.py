@@ -26,7 +26,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 from prefect.runtime import deployment, flow_run  # noqa: E402
 
 from vitdistill.errors import StorageError, VitdistillError  # noqa: E402
-from vitdistill.trainer import Callback  # noqa: E402
+from vitdistill.callbacks import Callback  # noqa: E402  (no torch: a no-op run never imports it)
 
 # Set when the flow is interrupted (Ctrl-C reaches the main thread only): stages running in worker
 # threads check it between steps, epochs, shards and evaluators and stop there.

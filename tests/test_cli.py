@@ -177,3 +177,42 @@ def test_a_failed_stage_is_in_the_summary_and_the_exit_code(cli_env, tmp_path):
     assert len(lines) == 2 and "no_such_student" in lines[0] and "(stage distill)" in lines[0]
     assert lines[1] == "skipped: evaluate (it needs distill, which failed)"
     assert "Traceback" not in r.stdout + r.stderr
+
+
+# a command run as `python -m vitdistill_cli.main`, printing at exit which heavy modules it imported
+_WITH_MODULES = """
+import atexit, runpy, sys
+heavy = ("torch", "timm", "prefect.server.api.server")  # (MLflow imports fastapi itself)
+atexit.register(lambda: print("MODULES", sorted(m for m in heavy if m in sys.modules)))
+sys.argv = ["vitdistill", *sys.argv[1:]]
+runpy.run_module("vitdistill_cli.main", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_no_op_imports_neither_torch_timm_nor_prefects_server(cli_env, tmp_path):
+    """Everything cached: the teacher's identity comes from its memo (no torch, no timm) and the ephemeral
+    Prefect API runs in its own process (vitdistill_cli.prefect_api), so this process never imports it."""
+    sets = ["--set", "teacher.name=test_vit", "--set", "teacher.pretrained=false", "--set", "data.limit=40"]
+    cold = subprocess.run([sys.executable, "-c", _WITH_MODULES, "extract", *sets], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert "MODULES ['timm', 'torch']" in cold.stdout  # the cold run builds the teacher
+    warm = subprocess.run([sys.executable, "-c", _WITH_MODULES, "extract", *sets], env=cli_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "(cache reused)" in warm.stdout and "MODULES []" in warm.stdout, warm.stdout[-2000:]
+
+
+@pytest.mark.parametrize("setting", ["PREFECT_SERVER_EPHEMERAL_ENABLED=false", "PREFECT_API_URL=http://127.0.0.1:9/api"])
+def test_the_api_process_reports_no_port_when_no_ephemeral_api_is_wanted(cli_env, tmp_path, setting):
+    """vitdistill_cli.prefect_api reads Prefect's settings as the command would: with the ephemeral server
+    disabled, or an API named, it serves nothing and reports no port (the command then starts none)."""
+    key, value = setting.split("=", 1)
+    read, write = os.pipe()
+    p = subprocess.Popen([sys.executable, "-m", "vitdistill_cli.prefect_api", str(write)], pass_fds=(write,),
+                         env={**cli_env, key: value}, cwd=tmp_path)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        assert json.loads(pipe.readline()) == {"port": None}
+    assert p.wait(timeout=60) == 0

@@ -177,6 +177,59 @@ def test_rerun_reuses_and_teacher_change_invalidates(make_cfg, tmp_path):
     assert len({plan1.cache_dir, plan4.cache_dir, plan5.cache_dir}) == 3
 
 
+def test_teacher_identity_memo_skips_the_build_and_follows_the_weights_file(make_cfg, tmp_path, monkeypatch):
+    """A re-plan over a finished cache builds no teacher (its identity memo under cache.root answers); a
+    rewritten weights file, or a memo gone stale, never reuses the old address."""
+    from safetensors.torch import save_file
+
+    import vitdistill.models.teachers as teachers
+    from vitdistill.extract import extract_shard, plan_extraction
+    from vitdistill.models.identity import memo_url
+
+    ckpt = tmp_path / "w.safetensors"
+    src = teachers.create_teacher(make_cfg().teacher)
+    weights = {k: v.contiguous() for k, v in src.model.state_dict().items()}
+    save_file(weights, str(ckpt))
+    cfg = make_cfg("data.limit=40", f"teacher.checkpoint={ckpt}")
+    inputs = resolve_inputs(cfg, progress=False)
+    plan1 = plan_extraction(cfg, inputs)  # builds the teacher, writes the memo
+    assert json.loads(Path(memo_url(cfg.teacher, cfg.cache.root)).read_text())["files"][0]["path"] == str(ckpt)
+
+    def no_build(*a, **k):
+        raise AssertionError("the teacher was built although its memo is valid")
+
+    monkeypatch.setattr(teachers, "create_teacher", no_build)
+    assert plan_extraction(cfg, inputs).cache_dir == plan1.cache_dir
+    rand = make_cfg("data.limit=40")  # a seeded random initialisation is memoised too (no weights file)
+    monkeypatch.undo()
+    plan_rand = plan_extraction(rand, inputs)
+    monkeypatch.setattr(teachers, "create_teacher", no_build)
+    assert plan_extraction(rand, inputs).cache_dir == plan_rand.cache_dir != plan1.cache_dir
+
+    # other weights in the same file (same size): the memo misses, the teacher is built, a new address
+    save_file({k: (v * 1.01).contiguous() for k, v in weights.items()}, str(ckpt))
+    with pytest.raises(AssertionError, match="was built"):
+        plan_extraction(cfg, inputs)
+    monkeypatch.undo()
+    teachers._create_teacher_cached.cache_clear()
+    plan2 = plan_extraction(cfg, inputs)
+    assert plan2.cache_dir != plan1.cache_dir
+    assert plan2.teacher["weights_sha256"] != plan1.teacher["weights_sha256"]
+
+    # a memo that went stale without the file's size or mtime changing: the shard task's teacher disagrees,
+    # nothing is written, the memo is removed, and the next plan builds the teacher and finds the true address
+    url = Path(memo_url(cfg.teacher, cfg.cache.root))
+    memo = json.loads(url.read_text())
+    memo["identity"]["fingerprint"]["weights_sha256"] = "0" * 64
+    url.write_text(json.dumps(memo))
+    stale = plan_extraction(cfg, inputs)
+    assert stale.cache_dir != plan2.cache_dir
+    with pytest.raises(CacheError, match="not the one this cache is addressed by"):
+        extract_shard(stale, 0, progress=False)
+    assert not url.exists() and not list(Path(stale.cache_dir).glob("feat-*"))
+    assert plan_extraction(cfg, inputs).cache_dir == plan2.cache_dir
+
+
 def test_damaged_shard_is_redone(make_cfg):
     cfg = make_cfg("data.limit=40", "data.shard_samples=20")
     plan, m1, _ = run_extract(cfg)

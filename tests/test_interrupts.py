@@ -63,8 +63,9 @@ def _running_ids(db: Path) -> set[str]:
 
 
 def _uvicorn(proc: psutil.Process) -> list[psutil.Process]:
+    """The command's ephemeral Prefect API server (vitdistill_cli.prefect_api runs uvicorn)."""
     try:
-        return [c for c in proc.children(recursive=True) if "uvicorn" in " ".join(c.cmdline())]
+        return [c for c in proc.children(recursive=True) if "vitdistill_cli.prefect_api" in " ".join(c.cmdline())]
     except psutil.Error:
         return []
 

@@ -27,10 +27,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from vitdistill.cache import fs
 from vitdistill.cache.tario import TarShardWriter, dump_npy, iter_tar_samples
@@ -39,8 +38,13 @@ from vitdistill.data.ingest import InputSet
 from vitdistill.data.shards import PASS_THROUGH, SplitRule, decode_image, read_shard, skip_record
 from vitdistill.data.splits import SPLITS
 from vitdistill.errors import CacheError, DataError
-from vitdistill.models.teachers import Teacher, create_teacher
+from vitdistill.models.identity import forget, memo_url, teacher_identity
 from vitdistill.progress import progress_bar
+
+if TYPE_CHECKING:  # torch and the teachers are imported by the shard tasks only: a finished cache needs neither
+    import torch
+
+    from vitdistill.models.teachers import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +68,18 @@ class ExtractionPlan(fs.ShardedCachePlan):
     shard_bytes: int
     on_error: str
     verify: bool
+    teacher_memo: str | None = None  # the memo the teacher's identity came from (vitdistill.models.identity)
 
 
 def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
-    teacher = create_teacher(cfg.teacher)
+    """The plan of ``cfg``'s extraction; the teacher's identity comes from its memo when that is valid
+    (a re-run over a finished cache then builds no teacher and imports no torch)."""
+    teacher = teacher_identity(cfg.teacher, cfg.cache.root)
     split = SplitRule.from_config(cfg.data).to_dict()
     address = {
         "format": FORMAT_VERSION,
-        "teacher": teacher.fingerprint(),
-        "preprocessing": teacher.data_config,
+        "teacher": teacher["fingerprint"],
+        "preprocessing": teacher["data_config"],
         "dataset": inputs.fingerprint,
         "split": split,
         "dtype": cfg.cache.dtype,
@@ -82,12 +89,12 @@ def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
     }
     digest = hashlib.sha256(json.dumps(address, sort_keys=True).encode()).hexdigest()
     return ExtractionPlan(
-        cache_dir=fs.join(cfg.cache.root, "features", f"{teacher.slug}-{digest[:16]}"),
+        cache_dir=fs.join(cfg.cache.root, "features", f"{teacher['slug']}-{digest[:16]}"),
         inputs=list(inputs.shards),
         classes=inputs.classes,
         teacher_cfg=cfg.teacher.model_dump(mode="json"),
-        teacher=teacher.fingerprint(),
-        preprocessing=teacher.data_config,
+        teacher=teacher["fingerprint"],
+        preprocessing=teacher["data_config"],
         dataset={"source": inputs.source, "fingerprint": inputs.fingerprint, "manifest": inputs.manifest},
         split=split,
         dtype=cfg.cache.dtype,
@@ -95,6 +102,7 @@ def plan_extraction(cfg: VitdistillConfig, inputs: InputSet) -> ExtractionPlan:
         shard_bytes=cfg.cache.shard_bytes,
         on_error=cfg.data.on_error,
         verify=cfg.cache.verify,
+        teacher_memo=memo_url(cfg.teacher, cfg.cache.root),
     )
 
 
@@ -226,6 +234,8 @@ def _raw_groups(shard: str, size: int, on_error: str, skipped: list[dict]) -> It
 def decode_group(group: list[tuple[str, dict]], shard: str, pil_transform, on_error: str, decode_map=map
                  ) -> tuple[_Batch | None, list[dict]]:
     """One group of encoded samples -> a batch of pixels (None if every sample was skipped), and the skips."""
+    import torch
+
     def decode(item: tuple[str, dict]) -> np.ndarray | DataError:
         try:
             return decode_image(item[0], item[1], shard, pil_transform)
@@ -287,6 +297,8 @@ def _worker_batches(shard: str, pil_transform, batch_size: int, on_error: str, s
 
 def _check_features(emb: torch.Tensor, logits: torch.Tensor | None, keys: list[str], shard: str,
                     layers: torch.Tensor | None = None) -> None:
+    import torch
+
     for name, t in (("embedding", emb), ("logits", logits), ("layer features", layers)):
         if t is None:
             continue
@@ -382,8 +394,13 @@ def extract_shard(plan: ExtractionPlan, index: int, progress: bool = True) -> di
 
 
 def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
+    import torch
+
+    from vitdistill.models.teachers import create_teacher
+
     shard = plan.inputs[index]
     teacher: Teacher = create_teacher(TeacherConfig.model_validate(plan.teacher_cfg))
+    _check_identity(plan, teacher)
     transform = teacher.pil_transform()
     batch_size = int(plan.teacher_cfg["batch_size"])
     skipped: list[dict] = []
@@ -441,6 +458,19 @@ def _extract_shard(plan: ExtractionPlan, index: int, progress: bool) -> dict:
     fs.write_json_atomic(plan.record_url(index), record)
     log.info("extracted %s: %d samples in %.1f s (%d skipped)", shard.rsplit("/", 1)[-1], count, seconds, len(skipped))
     return record
+
+
+def _check_identity(plan: ExtractionPlan, teacher: Teacher) -> None:
+    """The teacher that extracts is the one the cache is addressed by: a memo that went stale (weights
+    rewritten with the same size and mtime) or weights that changed since the plan fail here, before any
+    feature is written, and the memo is deleted so that the next run builds the teacher and re-plans."""
+    if teacher.fingerprint() == plan.teacher and teacher.data_config == plan.preprocessing:
+        return
+    if plan.teacher_memo:
+        forget(plan.teacher_memo)
+    raise CacheError(f"{plan.cache_dir}: teacher {teacher.name!r} is not the one this cache is addressed by (its "
+                     f"weights sha256 {teacher.weights_sha256[:12]}, the plan's {plan.teacher['weights_sha256'][:12]}); "
+                     "its identity memo is removed: run the command again")
 
 
 # --------------------------------------------------------------------------- manifest

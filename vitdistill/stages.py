@@ -198,6 +198,8 @@ def stage_concurrency(setting: int | str, names: list[str], config: Any = None) 
     width = STAGES.width(names, config)
     if setting != "auto":
         return max(1, int(setting))
+    if width <= 1:  # one stage at a time whatever the machine (and no torch import to count GPUs)
+        return 1
     cpus = os.cpu_count() or 1
     gpus = _gpu_count()
     limit = min(cpus // 2, 2 * gpus) if gpus else cpus // 4

@@ -49,6 +49,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from vitdistill.cache import fs
+from vitdistill.callbacks import Callback  # re-exported: the hooks of a training run
 from vitdistill.errors import TrainingError  # re-exported: the trainer raises it
 from vitdistill.progress import progress_bar
 
@@ -59,26 +60,6 @@ class BatchSource(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]: ...
-
-
-class Callback:
-    """Hooks of a training run; override the ones you need (each default does nothing)."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Before the first step, after a resume (``trainer.step``, ``trainer.history`` hold the checkpoint's)."""
-
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """When ``fit()`` ends, normally or by an error (flush what is buffered, stop monitors)."""
-
-    def on_step(self, trainer: Trainer, step: int, losses: dict[str, float]) -> None:
-        """After optimiser step ``step`` (1-based): this rank's losses, ``lr`` and ``grad_norm``."""
-
-    def on_epoch(self, trainer: Trainer, epoch: int, summary: dict[str, float]) -> None:
-        """After epoch ``epoch`` (0-based): mean losses over all ranks, ``lr``, ``seconds``. A callback may
-        add entries (validation metrics); later callbacks and the history see them."""
-
-    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
-        """After a checkpoint was published at ``path`` (rank 0 only)."""
 
 
 @dataclass

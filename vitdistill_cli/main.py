@@ -224,62 +224,94 @@ def check_prefect_api(required: bool = False) -> str | None:
 
 
 class _EphemeralAPI:
-    """Prefect's ephemeral API server, started in a thread while this command does its other start-up
-    work (MLflow, importing torch and the flows), in a process group of its own.
+    """Prefect's ephemeral API server, started first thing as a process of its own
+    (:mod:`vitdistill_cli.prefect_api`), in a process group of its own, while this command does its other
+    start-up work (MLflow, importing the flows).
 
-    Prefect would start it on first use in this command's process group, where a Ctrl-C reaches it
-    too: it would stop before the flows could record their ends, and print its own shutdown
-    traceback. In its own group it outlives the interrupt, this command ends its flows and stops it
-    (Prefect's atexit hook); the watchdog stops it if this command is killed. The server's start-up
-    (a uvicorn process importing Prefect's server and migrating its database, about 4 s) then runs
-    on one core while the other imports torch: the two no longer add up."""
+    Prefect would start it on first use, importing its whole server (fastapi, sqlalchemy, the routers)
+    into this process only to launch the same uvicorn process, and in this command's process group,
+    where a Ctrl-C reaches it too: it would stop before the flows could record their ends, and print its
+    own shutdown traceback. In its own group it outlives the interrupt, this command ends its flows and
+    stops it at exit; the watchdog stops it if this command is killed. Its start-up (importing Prefect's
+    server and migrating the database, about 4 s) runs on one core while this command imports on the
+    other, and this process never imports the server."""
 
     def __init__(self) -> None:
-        import threading
-
-        self._error: BaseException | None = None
-        self.seconds = 0.0
-        self._thread = threading.Thread(target=self._start, name="prefect-ephemeral-api", daemon=True)
-        self._thread.start()
-
-    def _start(self) -> None:
+        import atexit
         import subprocess
-        import threading
-        import time
 
-        t0 = time.perf_counter()
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+        self.api_url: str | None = None
+        self._timeout = 120.0
+        read, write = os.pipe()
         try:
-            from prefect.server.api.server import SubprocessASGIServer
+            self.process: subprocess.Popen | None = subprocess.Popen(
+                [sys.executable, "-m", "vitdistill_cli.prefect_api", str(write)], pass_fds=(write,),
+                stdin=subprocess.DEVNULL, process_group=0)
+        finally:
+            os.close(write)
+        self._pipe = read
+        atexit.register(self.stop)  # early, so it runs after Prefect's own exit hooks (they flush to the API)
 
-            starter = threading.get_ident()
-            popen = subprocess.Popen
-
-            class _OwnGroup(popen):  # type: ignore[misc, valid-type]
-                def __init__(self, *args: Any, **kwargs: Any) -> None:
-                    if threading.get_ident() == starter:  # only the server's process, not the main thread's
-                        kwargs.setdefault("process_group", 0)
-                    super().__init__(*args, **kwargs)
-
-            subprocess.Popen = _OwnGroup
-            try:
-                SubprocessASGIServer().start()  # the instance Prefect's clients then find running
-            finally:
-                subprocess.Popen = popen
-        except BaseException as e:  # re-raised on the main thread by wait()
-            self._error = e
-        self.seconds = time.perf_counter() - t0
+    def use(self) -> None:
+        """Point this process's Prefect at the server (``PREFECT_API_URL``) once it has its port; called
+        before Prefect is imported, which reads its settings once."""
+        with os.fdopen(self._pipe, "r") as pipe:
+            line = pipe.readline()
+        if not line:
+            code = self.process.wait() if self.process else None
+            raise RuntimeError(f"the ephemeral Prefect API server exited (code {code}) before it chose a port; "
+                               "see its output above")
+        report = json.loads(line)
+        if report["port"] is None:  # a profile names the API, or the ephemeral server is disabled
+            self.stop()
+            return
+        self._timeout = float(report["timeout"])
+        self.api_url = f"http://127.0.0.1:{report['port']}/api"
+        os.environ["PREFECT_API_URL"] = self.api_url
+        if not report["ui_url_set"]:  # as on Prefect's own ephemeral API: no "View at" links to a server that
+            os.environ["PREFECT_UI_URL"] = ""  # serves no UI and stops with the command
 
     def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        """Until the server answers ``/health`` (at most ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``)."""
+        if self.api_url is None:
+            return
+        from vitdistill_cli.stack import http_ok
+
+        deadline = self.t0 + self._timeout
+        while not http_ok(f"{self.api_url}/health", timeout=2):
+            code = self.process.poll() if self.process else None
+            if code is not None or time.perf_counter() > deadline:
+                why = f"exited with code {code}" if code is not None else f"did not answer in {self._timeout:.0f} s"
+                raise RuntimeError(f"the ephemeral Prefect API server at {self.api_url} {why}; see its output above "
+                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS sets the wait)")
+            time.sleep(0.05)
+        self.seconds = time.perf_counter() - self.t0
+
+    def stop(self) -> None:
+        """Terminate the server (5 s to stop, then killed), as Prefect's ``SubprocessASGIServer.stop``."""
+        import subprocess
+
+        proc, self.process = self.process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.api_url is not None and os.environ.get("PREFECT_API_URL") == self.api_url:
+            del os.environ["PREFECT_API_URL"]
 
 
 def _start_ephemeral_api() -> _EphemeralAPI | None:
-    """Start the ephemeral API in the background when no ``PREFECT_API_URL`` server is used."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if check_prefect_api() is not None or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    """Start the ephemeral API in the background when no ``PREFECT_API_URL`` server is used. Where
+    Prefect was imported already (this command run from Python), its settings are read: Prefect
+    then starts its own server on first use."""
+    if check_prefect_api() is not None or "prefect" in sys.modules:
         return None
     return _EphemeralAPI()
 
@@ -314,14 +346,15 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
         err.print(f"marked {len(stale)} MLflow run(s) KILLED that an earlier, killed command left RUNNING",
                   highlight=False)
     t3 = time.perf_counter()
+    if api is not None:
+        api.use()  # PREFECT_API_URL, before the flows import Prefect
     importlib.import_module("flows.pipeline")  # sets up Prefect's logging, whose handlers are then quietened
-    importlib.import_module("vitdistill.models.teachers")  # torch and timm, while the API starts
     t4 = time.perf_counter()
     if api is not None:
         api.wait()
     t5 = time.perf_counter()
     TIMINGS.update({"config_and_watchdog": t1 - t0, "prefect_api_check": t2 - t1, "mlflow": t3 - t2,
-                    "imports_flows_torch_timm": t4 - t3, "ephemeral_api_start": api.seconds if api else 0.0,
+                    "imports_flows": t4 - t3, "ephemeral_api_start": api.seconds if api else 0.0,
                     "ephemeral_api_wait": t5 - t4})
     if not debug:
         logging.getLogger("prefect").setLevel(prefect_level)

