@@ -24,6 +24,7 @@ import difflib
 import functools
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
