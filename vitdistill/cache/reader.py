@@ -76,7 +76,9 @@ class FeatureCache:
         return [fs.join_inside(self.cache_dir, s["name"], where=where) for s in self.manifest["shards"]]
 
     # ------------------------------------------------------------------ reading
-    def iter_samples(self, split: str | None = None) -> Iterator[dict[str, Any]]:
+    def iter_samples(self, split: str | None = None, arrays: Sequence[str] = ARRAY_FIELDS) -> Iterator[dict[str, Any]]:
+        """One dict per sample (of ``split``, None: every one), with the fields of ``arrays`` that it holds
+        decoded (``emb`` always)."""
         dim = self.num_features
         for url, shard in zip(self.shard_urls(), self.manifest["shards"]):
             n = 0
@@ -89,7 +91,7 @@ class FeatureCache:
                 try:
                     for key, fields in iter_tar_samples(stream, url):
                         n += 1
-                        sample = self._decode(key, fields, url, dim)
+                        sample = self._decode(key, fields, url, dim, arrays)
                         if split is None or sample["split"] == split:
                             yield sample
                 except (CacheError, DataError) as e:  # a changed shard: say so, rather than what broke first
@@ -107,7 +109,8 @@ class FeatureCache:
                              "(the shard or the manifest changed after extraction); re-run the extraction with "
                              "--set cache.verify=true to rebuild it") from cause
 
-    def _decode(self, key: str, fields: dict[str, bytes], url: str, dim: int) -> dict[str, Any]:
+    def _decode(self, key: str, fields: dict[str, bytes], url: str, dim: int,
+                arrays: Sequence[str] = ARRAY_FIELDS) -> dict[str, Any]:
         where = f"{url}: sample {key!r}"
         if "emb.npy" not in fields:
             raise CacheError(f"{where}: no emb.npy")
@@ -115,11 +118,11 @@ class FeatureCache:
         if emb.shape != (dim,) or emb.dtype.kind != "f":
             raise CacheError(f"{where}: emb.npy has shape {emb.shape} dtype {emb.dtype}, expected ({dim},) float")
         out: dict[str, Any] = {"key": key, "emb": emb, "split": fields.get("split.txt", b"train").decode()}
-        if "logits.npy" in fields:
+        if "logits.npy" in fields and "logits" in arrays:
             out["logits"] = load_npy(fields["logits.npy"], where)
-        if "layers.npy" in fields:  # teacher.layers: the chosen blocks side by side, (sum of D_l,)
+        if "layers.npy" in fields and "layers" in arrays:  # teacher.layers: the chosen blocks side by side
             out["layers"] = load_npy(fields["layers.npy"], where)
-        if "logits_topk.npy" in fields:
+        if "logits_topk.npy" in fields and "logits_topk" in arrays:
             out["logits_topk"] = load_npy(fields["logits_topk.npy"], where)
             out["logits_idx"] = load_npy(fields["logits_idx.npy"], where)
         if "cls" in fields:
@@ -142,7 +145,8 @@ class FeatureCache:
             return self.num_samples
         return (self.manifest.get("split") or {}).get("counts", {}).get(split)
 
-    def load(self, split: str | None = None, *, spill_dir: str | None = None) -> dict[str, Any]:
+    def load(self, split: str | None = None, *, spill_dir: str | None = None,
+             arrays: Sequence[str] = ARRAY_FIELDS) -> dict[str, Any]:
         """Materialise a split (None: every sample) as arrays: emb (N, D) float32; logits (N, C); cls (N,)
         int64 or None; txt list (None for a sample without a caption) or None when no sample has one; key
         list; split list; meta list or None. The arrays are filled in place as the shards stream by (sized
@@ -152,20 +156,22 @@ class FeatureCache:
         the dtype the cache stores them in (float16 by default: half of float32), and come back as read-only
         memory maps: resident memory stays flat whatever N, and the page cache holds what is being read.
         This is how caches larger than memory are probed and aligned (chunked readers never copy them
-        whole)."""
-        return self.load_splits((split,), spill_dir=spill_dir)[split]
+        whole). ``arrays`` names the array fields wanted (the others are not decoded and come back None):
+        the probes read ``("emb", "layers")``, not the (N, 1000) logits of an ImageNet teacher."""
+        return self.load_splits((split,), spill_dir=spill_dir, arrays=arrays)[split]
 
-    def load_splits(self, splits: Sequence[str | None], *, spill_dir: str | None = None) -> dict[str | None, dict[str, Any]]:
+    def load_splits(self, splits: Sequence[str | None], *, spill_dir: str | None = None,
+                    arrays: Sequence[str] = ARRAY_FIELDS) -> dict[str | None, dict[str, Any]]:
         """:meth:`load` of several splits in one pass over the shards: split -> its arrays."""
         sizes = {s: self.split_size(s) for s in splits}
         if spill_dir is not None and None in sizes.values():  # a memory map needs its length up front: count first
             counts: dict[str, int] = {}
-            for r in self.iter_samples():
+            for r in self.iter_samples(arrays=()):
                 counts[r["split"]] = counts.get(r["split"], 0) + 1
             sizes = {s: (sum(counts.values()) if s is None else counts.get(s, 0)) for s in splits}
         columns = {s: _SplitColumns(self.cache_dir, s, sizes[s], spill_dir) for s in splits}
         only = splits[0] if len(splits) == 1 else None  # one named split: the reader skips decoding no other
-        for r in self.iter_samples(only):
+        for r in self.iter_samples(only, arrays):
             for s, c in columns.items():
                 if s is None or s == r["split"]:
                     c.add(r)

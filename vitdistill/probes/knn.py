@@ -110,7 +110,7 @@ def knn_probe(
     ks: tuple[int, ...] = (10, 20),
     temperature: float = 0.07,
     chunk_size: int = 1024,
-    bank_chunk: int = 65536,
+    bank_chunk: int = 16384,
     num_classes: int | None = None,
     device: str | None = None,
 ) -> KNNResult:

@@ -125,7 +125,8 @@ def probe_cache(cache_dir: str, cfg: ProbeConfig) -> ProbeReport:
 
 def probe_spilled(cache_dir: str, cfg: ProbeConfig, spill_dir: str) -> ProbeReport:
     fc = FeatureCache.open(cache_dir)
-    loaded = fc.load_splits(("train", "val", "test"), spill_dir=spill_dir)  # one pass over the shards
+    # one pass over the shards; the logits are not read (an ImageNet teacher's are 1,000 values per image)
+    loaded = fc.load_splits(("train", "val", "test"), spill_dir=spill_dir, arrays=("emb", "layers"))
     splits = [labelled_split(fc, s, loaded[s]) for s in ("train", "val", "test")]
     (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)

@@ -41,7 +41,8 @@ def labelled_split(fc: FeatureCache, name: str, loaded: dict | None = None):
 def fit_teacher_probe(fc: FeatureCache, cfg: ProbeConfig, splits=None) -> LinearProbeResult:
     """Fit the linear probe on the cache (``splits``: the three (emb, cls) pairs, if already loaded) and save it."""
     if splits is None:
-        splits = [labelled_split(fc, s, d) for s, d in fc.load_splits(("train", "val", "test")).items()]
+        splits = [labelled_split(fc, s, d) for s, d in fc.load_splits(("train", "val", "test"),
+                                                                                 arrays=("emb",)).items()]
     (xtr, ytr), (xva, yva), (xte, yte) = splits
     # without class names in the manifest, the class count comes from train and val only (never test)
     n = len(fc.classes) if fc.classes else int(max(ytr.max(), yva.max())) + 1
