@@ -515,6 +515,17 @@ def test_fifo_named_png_never_hangs_ingestion(tmp_path):
     assert len(list(ds)) == 4 and ds.skipped == ["cat/pipe.png"]
 
 
+def test_fifo_given_as_a_shard_is_one_line_not_a_hang(tmp_path, make_cfg):
+    import os
+
+    from vitdistill.data.ingest import resolve_inputs
+    from vitdistill.errors import DataError
+
+    os.mkfifo(tmp_path / "a.tar")
+    with pytest.raises(DataError, match=r"^data\.path: shard .*a\.tar is not a regular file \(other\), expected a tar"):
+        resolve_inputs(make_cfg("data.source=wds", f"data.path={tmp_path}/a.tar"), progress=False)
+
+
 def test_caption_rows_naming_no_image_are_an_error(tmp_path):
     from tests.test_extract import make_folder
     from vitdistill.errors import DataError

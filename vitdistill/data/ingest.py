@@ -176,6 +176,8 @@ def resolve_inputs(cfg: VitdistillConfig, progress: bool = True) -> InputSet:
             raise DataError(f"data.path: shard {url} not found") from None
         if info.get("type") == "directory":
             raise DataError(f"data.path: shard {url} is a directory, expected a tar file")
+        if info.get("type") not in (None, "file"):  # a FIFO or device would block or never end: read files only
+            raise DataError(f"data.path: shard {url} is not a regular file ({info.get('type')}), expected a tar file")
         infos.append([url, info.get("size"), str(info.get("ETag") or info.get("mtime") or info.get("LastModified"))])
     fingerprint = hashlib.sha256(json.dumps(infos, sort_keys=True).encode()).hexdigest()
     return InputSet(source="wds", shards=urls, classes=_wds_classes(urls[0]), fingerprint=fingerprint)
