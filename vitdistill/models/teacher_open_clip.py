@@ -28,8 +28,7 @@ from vitdistill.config import TeacherConfig
 from vitdistill.errors import ConfigError, RegistryError
 from vitdistill.seeding import seeded
 from vitdistill.models.teachers import (TEACHER_SOURCES, Teacher, check_safetensors_in, error_line,
-                                        load_checkpoint_into, pool_block, shape_mismatch_message, size_mismatches,
-                                        state_dict_sha256, weights_file_in)
+                                        load_checkpoint_into, loader_mismatch, pool_block, state_dict_sha256)
 
 _CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}
 
@@ -66,10 +65,11 @@ def load_open_clip(spec: str, checkpoint: str | None, pretrained: bool, key: str
             else:
                 model = open_clip.create_model(model_name, pretrained=tag if hub else None)
         except Exception as e:  # download failures come in many types
-            if local_dir and size_mismatches(e):  # open_clip's own loader: weights that do not fit its config
-                weights = weights_file_in(local_dir, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-                raise ConfigError(shape_mismatch_message("open_clip local-dir", weights, "the model of its "
-                                                         "open_clip_config.json", size_mismatches(e))) from None
+            mismatch = local_dir and loader_mismatch(  # open_clip's own loader: weights that do not fit its config
+                e, "open_clip local-dir", local_dir, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+                "the model of its open_clip_config.json")
+            if mismatch:
+                raise mismatch from None
             raise ConfigError(
                 f"open_clip {spec!r}: could not be loaded ({error_line(e)}); "
                 f"offline, set {key} to a local checkpoint file of {model_name} (open_clip_model.safetensors from its "

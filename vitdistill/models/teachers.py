@@ -299,8 +299,12 @@ def _open_safetensors(path: str, key: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as e:  # SafetensorError (HeaderTooLarge, ...), OSError
-        raise ConfigError(f"{key} {path!r}: not a readable safetensors file ({error_line(e)}); "
-                          "expected weights as safetensors writes them") from None
+        raise _not_safetensors(key, path, e) from None
+
+
+def _not_safetensors(key: str, path: str, e: BaseException) -> ConfigError:
+    return ConfigError(f"{key} {path!r}: not a readable safetensors file ({error_line(e)}); "
+                       "expected weights as safetensors writes them")
 
 
 def check_safetensors_in(directory: str, key: str = "teacher.checkpoint") -> None:
@@ -315,8 +319,7 @@ def check_safetensors_in(directory: str, key: str = "teacher.checkpoint") -> Non
                 with safe_open(path, framework="pt") as f:
                     f.keys()
             except Exception as e:
-                raise ConfigError(f"{key} {path!r}: not a readable safetensors file ({error_line(e)}); "
-                                  "expected weights as safetensors writes them") from None
+                raise _not_safetensors(key, path, e) from None
 
 
 def load_state_dict_file(path: str, key: str = "teacher.checkpoint") -> dict[str, torch.Tensor]:
@@ -363,6 +366,14 @@ def size_mismatches(e: BaseException) -> list[tuple[str, tuple, tuple]]:
 def weights_file_in(directory: str, names: Sequence[str]) -> str:
     """The first of ``names`` present in ``directory`` (the file a library's loader reads), else the directory."""
     return next((os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))), directory)
+
+
+def loader_mismatch(e: BaseException, key: str, directory: str, names: Sequence[str], what: str) -> ConfigError | None:
+    """The "size mismatch" error of a library's own loader (timm's, open_clip's) reading a model directory,
+    as one line naming its weights file (the first of ``names`` there) and the first tensor; None for
+    any other error."""
+    found = size_mismatches(e)
+    return ConfigError(shape_mismatch_message(key, weights_file_in(directory, names), what, found)) if found else None
 
 
 def load_checkpoint_into(model: nn.Module, path: str, what: str, key: str = "teacher.checkpoint") -> str:
@@ -430,10 +441,10 @@ def timm_hf_hub_teacher(model_id: str, cfg: TeacherConfig) -> Teacher:
             try:
                 model = timm.create_model(f"local-dir:{cfg.checkpoint}", pretrained=cfg.pretrained)
             except Exception as e:  # missing config.json, weights that do not fit
-                if size_mismatches(e):
-                    weights = weights_file_in(cfg.checkpoint, ("model.safetensors", "pytorch_model.bin"))
-                    raise ConfigError(shape_mismatch_message("teacher.checkpoint", weights, f"timm {model_id!r}",
-                                                             size_mismatches(e))) from None
+                mismatch = loader_mismatch(e, "teacher.checkpoint", cfg.checkpoint,
+                                           ("model.safetensors", "pytorch_model.bin"), f"timm {model_id!r}")
+                if mismatch is not None:
+                    raise mismatch from None
                 raise ConfigError(f"teacher.checkpoint {cfg.checkpoint!r}: not a timm model directory (config.json + "
                                   f"model.safetensors): {error_line(e)}") from None
             return _timm_from_model(cfg, model, model.default_cfg.get("architecture", model_id), weights_loaded=True)
