@@ -31,9 +31,9 @@ class Split:
     y: np.ndarray  # (N,) int64, >= 0
 
 
-def row_chunks(num_rows: int, dim: int, itemsize: int = 8) -> Iterator[slice]:
-    """Consecutive row slices of about CHUNK_BYTES each at ``itemsize`` bytes per value."""
-    step = max(1, CHUNK_BYTES // max(1, dim * itemsize))
+def row_chunks(num_rows: int, dim: int, itemsize: int = 8, chunk_bytes: int = CHUNK_BYTES) -> Iterator[slice]:
+    """Consecutive row slices of about ``chunk_bytes`` each at ``itemsize`` bytes per value."""
+    step = max(1, chunk_bytes // max(1, dim * itemsize))
     for start in range(0, num_rows, step):
         yield slice(start, min(num_rows, start + step))
 

@@ -76,6 +76,8 @@ LINE_SEARCH_TRIES = 20
 PRECONDITIONER_RANK = 8
 # The l2 sweep only decides the choice on val; the refit is finished in float64 (refit()).
 SWEEP_DTYPE = torch.float32
+# Rows are built (features -> transform -> solver dtype) in chunks of about this many float64 bytes.
+ROW_BUILD_CHUNK_BYTES = 2**23
 # Below this many multiply-adds per product (N * D * C) one thread is used: each objective
 # evaluation is then a few ms at most, thread synchronisation costs more than it saves, and on a
 # busy machine (more runnable threads than cores) multi-threaded runs were measured 30-100x slower.
@@ -270,12 +272,15 @@ class Rows:
                       dtype: torch.dtype) -> Rows:
         """From raw features (the splits ``xs`` one after the other, arrays or memory maps), passed through
         ``transform`` in float64 chunk by chunk and stored once, in ``dtype`` on ``y``'s device: no whole
-        float64 copy is made unless ``dtype`` is float64."""
+        float64 copy is made unless ``dtype`` is float64. The transform's float64 temporaries (the
+        normalised rows, minus the mean, times the scale) are ~4 chunks at a time, so the chunks are
+        ROW_BUILD_CHUNK_BYTES (8 MiB), not the 64 MiB of a read: they were the probe's peak, ~260 MiB
+        above the rows themselves. The transform is row-wise, so the rows are the same either way."""
         dim = xs[0].shape[1]
         xa = torch.ones(len(y), dim + 1, dtype=dtype, device=y.device)  # (N, D + 1)
         at = 0
         for x in xs:
-            for rows in row_chunks(len(x), dim):
+            for rows in row_chunks(len(x), dim, chunk_bytes=ROW_BUILD_CHUNK_BYTES):
                 xa[at + rows.start:at + rows.stop, :-1] = torch.from_numpy(transform(read_rows(x, rows))).to(y.device)
             at += len(x)
         return cls(xa, one_hot_columns(y, num_classes, dtype))
