@@ -116,6 +116,14 @@ def test_run_embedded_pipeline_logs_nested_mlflow_runs_with_prefect_tags(cli_env
     for child in children:
         assert child.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
         assert child.info.status == "FINISHED"
+    # the report's stage table shows each stage's headline_keys "when logged": a key no stage run logs
+    # (a renamed metric, a typo) would silently drop out of it
+    from vitdistill.stages import STAGES
+    shots = load_config(ROOT / "configs/runlocal.yaml").probe.fewshot_shots
+    by_config = {f"fewshot_{k}shot_top1" for k in (1, 5, 10, 25) if k not in shots}  # shots this config skips
+    for name, run in names.items():
+        missing = set(STAGES.stage(name).headline_keys) - set(run.data.metrics) - by_config
+        assert not missing, f"stage {name}: headline keys not logged: {sorted(missing)}"
     ext = names["extract"]
     assert ext.data.metrics["samples"] == 200 and ext.data.params["teacher"] == "test_vit"
     assert "manifest.json" in [a.path for a in client.list_artifacts(ext.info.run_id)]
