@@ -301,3 +301,38 @@ def len_train(tmp_path) -> int:
     cfg = load_config(None, [f"cache.root={tmp_path / 'cache'}", "data.limit=120"])
     inputs = resolve_inputs(cfg, progress=False)
     return index_shards(inputs.shards, SplitRule.from_config(cfg.data), "error").total("train")
+
+
+def test_the_streamed_test_pass_gives_the_whole_array_metrics_and_keeps_only_the_embeddings():
+    """evaluate_distill reduces the test split batch by batch (memory O(N x D), not O(N x classes)); its means
+    are those of the whole arrays: top-1 over labelled rows, top-1/top-5 agreement, KL(teacher || student)."""
+    from vitdistill.distill.evaluate import collect, test_pass
+    from vitdistill.distill.losses import kl_per_sample
+
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 203, 12, 7
+    out = {"logits": torch.randn(n, c, generator=g), "kd_logits": torch.randn(n, c, generator=g),
+           "emb": torch.randn(n, d, generator=g), "feat": torch.randn(n, 5, generator=g)}
+    teach = {"logits": torch.randn(n, c, generator=g), "emb": torch.randn(n, 5, generator=g)}
+    labels = torch.randint(-1, c, (n,), generator=g).numpy()
+    batches = [([torch.tensor(i) for i in range(a, min(a + 32, n))], labels[a:a + 32]) for a in range(0, n, 32)]
+
+    def fn(d: dict):
+        return lambda imgs: {k: v[int(imgs[0]):int(imgs[-1]) + 1] for k, v in d.items()}
+
+    emb, lab, m = test_pass(batches, fn(out), fn(teach), size=n - 50)  # fewer rows expected than come: it grows
+    assert np.array_equal(emb, out["emb"].numpy()) and np.array_equal(lab, labels)
+    valid = torch.from_numpy(labels) >= 0
+    y = torch.from_numpy(labels)[valid]
+    t_top = teach["logits"].argmax(-1)
+    want = {"student_top1": (out["logits"].argmax(-1)[valid] == y).double().mean(),
+            "teacher_top1": (teach["logits"].argmax(-1)[valid] == y).double().mean(),
+            "agreement": (out["kd_logits"].argmax(-1) == t_top).double().mean(),
+            "agreement_top5": (out["kd_logits"].topk(5, -1).indices == t_top[:, None]).any(-1).double().mean(),
+            "kl": kl_per_sample(out["kd_logits"], teach["logits"]).double().mean(),
+            "feature_cosine": F.cosine_similarity(out["feat"], teach["emb"], dim=-1).double().mean()}
+    assert m.keys() == want.keys()
+    for k, v in want.items():
+        assert m[k] == pytest.approx(float(v), rel=1e-6), k
+    outs, lab2 = collect(batches, {"s": fn(out)}, size=n)
+    assert np.array_equal(outs["s"]["kd_logits"], out["kd_logits"].numpy()) and np.array_equal(lab2, labels)

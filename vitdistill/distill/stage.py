@@ -39,7 +39,7 @@ from vitdistill.config import VitdistillConfig
 from vitdistill.data.ingest import InputSet, resolve_inputs
 from vitdistill.data.shards import ShardIndex, SplitRule, index_shards
 from vitdistill.distill.data import LabelSubset, StreamBatches, check_labels, eval_batches, num_classes
-from vitdistill.distill.evaluate import collect, count_params, distance, gflops, student_fn, teacher_fn, top1
+from vitdistill.distill.evaluate import collect, count_params, gflops, student_fn, teacher_fn, test_pass, top1
 from vitdistill.distill.losses import NEEDS_TEACHER_LOGITS, create_distill_loss
 from vitdistill.distill.students import ProbeHead, Student, create_student
 from vitdistill.distill.viewcache import build_view_cache, plan_view_cache, teacher_spec
@@ -148,25 +148,24 @@ def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, 
     rule, on_error = SplitRule.from_config(cfg.data), cfg.data.on_error
     n_classes = num_classes(inputs, index)
     metrics: dict[str, float] = {}
-    if not index.total("test"):
-        s = t = labels = None
-    else:
-        outs, labels = collect(eval_batches(inputs.shards, rule, "test", on_error),
-                               {"student": student_fn(student, sspec), "teacher": teacher_fn(teacher, tspec)})
-        s, t = outs["student"], outs["teacher"]
+    tested = bool(index.total("test"))
+    if tested:  # the test split streamed once through both models; the student's embeddings are what is kept
+        test_emb, labels, test_metrics = test_pass(eval_batches(inputs.shards, rule, "test", on_error),
+                                                   student_fn(student, sspec), teacher_fn(teacher, tspec),
+                                                   size=index.total("test"))
     probe_head = probe_head_wanted(d, index.has_labels)
     if probe_head and not (index.has_labels and index.total("train") and index.total("val")):
         raise ConfigError("distill.head=probe: the task head is a probe fitted on data's labelled train and val "
                           "splits, and data has none; set data to a labelled set or distill.head=trained")
-    if index.has_labels and s is not None and index.total("train") and index.total("val"):
+    if index.has_labels and tested and index.total("train") and index.total("val"):
         emb_only = student_fn(student, sspec)
         feats = {}
         for split in ("train", "val"):
             subset = LabelSubset(d.label_fraction, d.seed) if split == "train" else None
             outs, lab = collect(eval_batches(inputs.shards, rule, split, on_error, labels_of=subset),
-                                {"s": lambda imgs: {"emb": emb_only(imgs)["emb"]}})
+                                {"s": lambda imgs: {"emb": emb_only(imgs)["emb"]}}, size=index.total(split))
             feats[split] = (outs["s"]["emb"], lab)
-        full = linear_probe(*feats["train"], *feats["val"], s["emb"], labels, normalize=cfg.probe.normalize,
+        full = linear_probe(*feats["train"], *feats["val"], test_emb, labels, normalize=cfg.probe.normalize,
                             num_classes=n_classes or None) if (feats["train"][1] >= 0).all() else None
         if full is not None:
             metrics["student_probe_top1"] = full.top1
@@ -177,21 +176,17 @@ def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, 
                 raise ConfigError(f"distill.label_fraction={d.label_fraction} keeps no training label for the "
                                   "probe head")
             probe = full if d.label_fraction >= 1.0 and full is not None else linear_probe(
-                x[kept], y[kept], *feats["val"], s["emb"], labels, normalize=cfg.probe.normalize,
+                x[kept], y[kept], *feats["val"], test_emb, labels, normalize=cfg.probe.normalize,
                 num_classes=n_classes or None)
             student.head = ProbeHead(probe.classifier)
-            s["logits"] = probe.classifier.logits(s["emb"]).astype(np.float32)
+            test_metrics["student_top1"] = top1(probe.classifier.logits(test_emb).astype(np.float32), labels)  # its head
             metrics["head_labels"] = float(kept.sum())
-    if s is not None:
-        if index.has_labels:
-            metrics["student_top1"] = top1(s["logits"], labels)
-            if "logits" in t and teacher.num_classes == n_classes:
-                metrics["teacher_top1"] = top1(t["logits"], labels)
-        if "logits" in t and "kd_logits" in s:
-            metrics.update(distance(s["kd_logits"], t["logits"]))
-        if "feat" in s:
-            f, e = torch.from_numpy(s["feat"]), torch.from_numpy(t["emb"])
-            metrics["feature_cosine"] = float(torch.nn.functional.cosine_similarity(f, e, dim=-1).mean())
+    if tested:
+        if not index.has_labels or teacher.num_classes != n_classes:  # no labels, or not this task's classes
+            test_metrics = {k: v for k, v in test_metrics.items() if k != "teacher_top1"}
+        if not index.has_labels:
+            test_metrics.pop("student_top1", None)
+        metrics.update(test_metrics)
     if index.has_labels and "teacher_top1" not in metrics:
         probed = teacher_probe_top1(cfg, inputs)
         if probed is not None:
