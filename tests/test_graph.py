@@ -284,3 +284,21 @@ def test_several_teachers_run_every_stage_each_and_one_report_compares_them(pref
         assert row["GFLOPs / image"] > 0 and row["status"] == "ok"
     page = open(report["html_path"], encoding="utf-8").read()
     assert "<h2>Teachers compared</h2>" in page and ">test_vit2<" in page
+
+
+@pytest.mark.parametrize("cpus,gpus,want", [(2, 0, 1), (4, 0, 1), (8, 0, 2), (12, 0, 3), (64, 0, 3),
+                                            (2, 1, 1), (4, 1, 2), (16, 1, 2), (16, 2, 3), (1, 0, 1)])
+def test_auto_stage_concurrency_follows_cores_and_gpus(monkeypatch, cpus, gpus, want):
+    """orchestration.stage_concurrency=auto: min(width, cpus // 4) on CPU (4 cores a stage), min(width, cpus // 2,
+    2 * gpus) with GPUs, at least 1; the width of the default pipeline is 3 (probe, LiT, distillation)."""
+    import vitdistill.stages as stages
+    from vitdistill.config import load_config
+
+    cfg = load_config(None, [])
+    names = stages.STAGES.order(stages.PIPELINE, cfg)
+    assert stages.STAGES.width(names, cfg) == 3
+    monkeypatch.setattr(stages.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(stages, "_gpu_count", lambda: gpus)
+    assert stages.stage_concurrency("auto", names, cfg) == want
+    assert stages.stage_concurrency(2, names, cfg) == 2  # a number is taken as it is
+    assert stages.stage_concurrency("auto", ["extract", "probe"], cfg) == 1  # nothing to run side by side
