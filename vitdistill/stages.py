@@ -68,6 +68,8 @@ class Stage:
     needs_unless: tuple[tuple[str, str], ...] = ()
     headline_keys: tuple[str, ...] = ()  # metrics of the report's stage table, in order, when logged
     curves: tuple[str, ...] = ()  # shell-style patterns of the metrics the report redraws as curves
+    # (column, metric): what the report's several-teacher table reads from each teacher's run of this stage
+    teacher_columns: tuple[tuple[str, str], ...] = ()
     cron: str = "0 2 * * *"  # the deployment's example schedule (created paused)
     schedule: str = ""  # that schedule in words
 
@@ -158,21 +160,27 @@ STAGES.add(Stage(
     "extract", run="tasks.extract:run_stage",
     description="Extract teacher features into the sharded webdataset cache (resumes; reuses a finished cache).",
     headline_keys=("samples", "shards", "images_per_s", "skipped_samples"),
+    teacher_columns=(("extraction img/s", "images_per_s"),),
     cron="0 1 * * *", schedule="refresh the feature cache, nightly at 01:00"))
 STAGES.add(Stage(
     "probe", run="tasks.probe:run_stage", needs=("extract",), enabled_key="probe.enabled",
     description="Linear, few-shot and kNN probes on the cached features (extracts first if needed).",
     headline_keys=("linear_top1", "linear_mean_per_class_recall", "fewshot_10shot_top1", "knn10_top1"),
+    teacher_columns=(("probe linear top-1", "linear_top1"), ("best layer", "best_layer"),
+                     ("best layer top-1", "best_layer_linear_top1")),
     cron="30 2 * * *", schedule="probes, nightly at 02:30"))
 STAGES.add(Stage(
     "lit", run="tasks.lit:run_stage", needs=("extract",), enabled_key="lit.enabled",
     description="LiT: align a text tower to the locked image features; zero-shot and retrieval eval.",
     headline_keys=("zeroshot_top1", "chance_top1", "retrieval_i2t_r1", "retrieval_t2i_r1"), curves=("*",),
+    teacher_columns=(("LiT zero-shot top-1", "zeroshot_top1"),),
     cron="0 3 * * 0", schedule="LiT, Sundays at 03:00"))
 STAGES.add(Stage(
     "distill", run="tasks.distill:run_stage", needs=("extract",), enabled_key="distill.enabled",
     description="Distil the teacher into a small student, online or from cached teacher outputs.",
     headline_keys=("student_top1", "teacher_top1", "agreement", "student_params", "teacher_params"), curves=("*",),
+    teacher_columns=(("parameters", "teacher_params"), ("GFLOPs / image", "teacher_gflops"),
+                     ("student top-1", "student_top1"), ("student-teacher agreement", "agreement")),
     cron="0 4 * * 6", schedule="distillation, Saturdays at 04:00"))
 STAGES.add(Stage(
     "evaluate", run="tasks.evaluate:run_stage", needs=("extract", "probe", "distill"), enabled_key="evaluate.enabled",

@@ -12,18 +12,16 @@ from typing import Any
 
 from vitdistill.report.gather import PipelineRun, StageRun
 
-# (column, stage, metric): what the comparison reads from each teacher's stage runs
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("parameters", "distill", "teacher_params"),
-    ("GFLOPs / image", "distill", "teacher_gflops"),
-    ("extraction img/s", "extract", "images_per_s"),
-    ("probe linear top-1", "probe", "linear_top1"),
-    ("best layer", "probe", "best_layer"),
-    ("best layer top-1", "probe", "best_layer_linear_top1"),
-    ("LiT zero-shot top-1", "lit", "zeroshot_top1"),
-    ("student top-1", "distill", "student_top1"),
-    ("student-teacher agreement", "distill", "agreement"),
-)
+
+
+def columns() -> list[tuple[str, str, str]]:
+    """(column, stage, metric): what the comparison reads from each teacher's stage runs, from the stage
+    registry (each stage's ``teacher_columns``), in registration order."""
+    from vitdistill.stages import STAGES
+
+    return [(column, name, metric) for name in STAGES.names() for column, metric in STAGES.stage(name).teacher_columns]
+
+
 # the top-1 columns drawn against the teacher's cost
 SERIES: tuple[tuple[str, str, str], ...] = (("probe linear top-1", "o", "#1f77b4"),
                                             ("LiT zero-shot top-1", "s", "#2ca02c"),
@@ -36,12 +34,12 @@ def _value(stages: dict[str, StageRun], stage: str, metric: str) -> float | None
 
 
 def teacher_rows(run: PipelineRun) -> list[dict[str, Any]]:
-    """One dict per teacher (``teacher``, ``status`` and each of :data:`COLUMNS`); [] for a one-teacher run."""
+    """One dict per teacher (``teacher``, ``status`` and each of :func:`columns`); [] for a one-teacher run."""
     rows = []
     for teacher, stages in run.teachers.items():
         failed = sorted(n for n, s in stages.items() if s.status != "FINISHED")
         row: dict[str, Any] = {"teacher": teacher, "status": "ok" if not failed else f"{', '.join(failed)} not finished"}
-        for column, stage, metric in COLUMNS:
+        for column, stage, metric in columns():
             row[column] = _value(stages, stage, metric)
         rows.append(row)
     return rows
@@ -49,7 +47,7 @@ def teacher_rows(run: PipelineRun) -> list[dict[str, Any]]:
 
 def shown_columns(rows: list[dict[str, Any]]) -> list[str]:
     """The columns some teacher has a number for (no best-layer columns without ``teacher.layers``)."""
-    return [c for c, _, _ in COLUMNS if any(r[c] is not None for r in rows)]
+    return [c for c, _, _ in columns() if any(r[c] is not None for r in rows)]
 
 
 def teachers_figure(rows: list[dict[str, Any]]):
