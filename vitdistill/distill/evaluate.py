@@ -61,8 +61,8 @@ class _Column:
         self.buf[self.n:self.n + len(v)] = v
         self.n += len(v)
 
-    def array(self, empty_shape: tuple[int, ...] = (0,), dtype=np.float32) -> np.ndarray:
-        return np.zeros(empty_shape, dtype=dtype) if self.buf is None else self.buf[:self.n]
+    def array(self, dtype=np.float32) -> np.ndarray:
+        return np.zeros(0, dtype=dtype) if self.buf is None else self.buf[:self.n]
 
 
 @torch.no_grad()

@@ -179,13 +179,11 @@ def evaluate_distill(cfg: VitdistillConfig, student: Student, teacher: Teacher, 
                 x[kept], y[kept], *feats["val"], test_emb, labels, normalize=cfg.probe.normalize,
                 num_classes=n_classes or None)
             student.head = ProbeHead(probe.classifier)
-            test_metrics["student_top1"] = top1(probe.classifier.logits(test_emb).astype(np.float32), labels)  # its head
+            test_metrics["student_top1"] = top1(probe.classifier.logits(test_emb).astype(np.float32), labels)
             metrics["head_labels"] = float(kept.sum())
-    if tested:
-        if not index.has_labels or teacher.num_classes != n_classes:  # no labels, or not this task's classes
-            test_metrics = {k: v for k, v in test_metrics.items() if k != "teacher_top1"}
-        if not index.has_labels:
-            test_metrics.pop("student_top1", None)
+    if tested:  # (unlabelled images count in no top-1: without labels test_pass reports none)
+        if teacher.num_classes != n_classes:  # the teacher's logits are not this task's classes
+            test_metrics.pop("teacher_top1", None)
         metrics.update(test_metrics)
     if index.has_labels and "teacher_top1" not in metrics:
         probed = teacher_probe_top1(cfg, inputs)

@@ -13,7 +13,6 @@ from typing import Any
 from vitdistill.report.gather import PipelineRun, StageRun
 
 
-
 def columns() -> list[tuple[str, str, str]]:
     """(column, stage, metric): what the comparison reads from each teacher's stage runs, from the stage
     registry (each stage's ``teacher_columns``), in registration order."""
