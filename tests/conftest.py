@@ -31,6 +31,22 @@ def make_cfg(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_kept_prefect_apis(tmp_path_factory):
+    """CLI commands keep their ephemeral Prefect API up for the next command (orchestration.keep_api_s): stop
+    those this session started (in its temporary PREFECT_HOMEs and the default one) when it ends."""
+    import time
+    from pathlib import Path
+
+    from vitdistill_cli.prefect_api import KEPT_DIR, prefect_home, stop_kept
+
+    since = time.time() - 1
+    yield
+    base = tmp_path_factory.getbasetemp()
+    for d in {prefect_home() / KEPT_DIR, *Path(base).glob(f"**/{KEPT_DIR}")}:
+        stop_kept(d.parent, since=since)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect API for the whole session (~13 s to start), shared by every flow test."""

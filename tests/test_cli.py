@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,42 @@ def test_a_warm_no_op_imports_neither_torch_timm_nor_prefects_server(cli_env, tm
                           capture_output=True, text=True, timeout=600)
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert "(cache reused)" in warm.stdout and "MODULES []" in warm.stdout, warm.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_the_kept_prefect_api_serves_the_next_command_and_stops_when_idle(cli_env, tmp_path):
+    """orchestration.keep_api_s: the ephemeral API outlives its command, the next command uses it (no start-up
+    wait), `vitdistill down` stops it, and with keep_api_s=1 it stops itself once no command uses it (not
+    during the command that holds its lease, which runs longer than 1 s)."""
+    import psutil
+
+    from vitdistill_cli.prefect_api import KEPT_DIR, read_record
+
+    home = tmp_path / "home"
+    env = {**cli_env, "PREFECT_HOME": str(home), "VITDISTILL_TIMINGS": str(tmp_path / "t.json")}
+    sets = ["--set", "teacher.name=test_vit", "--set", "teacher.pretrained=false", "--set", "data.limit=40"]
+    r = cli(["extract", *sets], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (record_path,) = (home / KEPT_DIR).glob("*.json")
+    first = read_record(record_path)
+    assert first is not None and first["keep_s"] == 300  # up after its command ended
+    r = cli(["extract", *sets], env, tmp_path)
+    assert r.returncode == 0 and "(cache reused)" in r.stdout, r.stderr[-3000:]
+    assert read_record(record_path)["pid"] == first["pid"]
+    assert json.loads((tmp_path / "t.json").read_text())["ephemeral_api_start"] == 0.0  # nothing waited for
+
+    r = cli(["down"], env, tmp_path)
+    assert r.returncode == 0 and f"ephemeral Prefect API (pid {first['pid']})" in r.stdout, r.stdout + r.stderr
+    assert not psutil.pid_exists(first["pid"]) and not record_path.exists()
+
+    r = cli(["extract", *sets, "--set", "orchestration.keep_api_s=1"], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = json.loads(record_path.read_text()) if record_path.exists() else None
+    deadline = time.time() + 60
+    while time.time() < deadline and (record_path.exists() or (second and psutil.pid_exists(second["pid"]))):
+        time.sleep(0.5)
+    assert not record_path.exists(), "the kept API did not stop after keep_api_s=1 s idle"
+    assert second is None or not psutil.pid_exists(second["pid"])
 
 
 @pytest.mark.parametrize("setting", ["PREFECT_SERVER_EPHEMERAL_ENABLED=false", "PREFECT_API_URL=http://127.0.0.1:9/api"])

@@ -21,7 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # small teacher batches: extraction lasts long enough (on a fast machine) to be interrupted mid-stage
-SETS = ["lit.epochs=30", "distill.epochs=4", "distill.checkpoint_every=1", "teacher.batch_size=4"]
+# keep_api_s=0: each command starts its own ephemeral Prefect API, which a kill -9 must not leave behind
+SETS = ["lit.epochs=30", "distill.epochs=4", "distill.checkpoint_every=1", "teacher.batch_size=4",
+        "orchestration.keep_api_s=0"]
 
 
 def _cmd(json_path: Path) -> list[str]:

@@ -414,6 +414,9 @@ class OrchestrationConfig(Section):
         "min(3, cpus // 2, 2 * gpus) with GPUs")
     dask_address: str | None = Field(None, description="tcp://host:port of a Dask scheduler; none = local cluster")
     dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster")
+    keep_api_s: float = Field(300.0, ge=0, description="the embedded (ephemeral) Prefect API of a command stays up "
+                              "this long after the last command using it ended, so the next one starts at once; "
+                              "0: started and stopped with each command")
     host: str = Field("127.0.0.1", description="`vitdistill up` binds its servers here (loopback unless told otherwise)")
     prefect_port: int = Field(4200, ge=1, le=65535, description="`vitdistill up`: Prefect server port")
     mlflow_port: int = Field(5000, ge=1, le=65535, description="`vitdistill up`: MLflow server port")

@@ -236,34 +236,87 @@ class _EphemeralAPI:
     server and migrating the database, about 4 s) runs on one core while this command imports on the
     other, and this process never imports the server."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_s: float = 0.0) -> None:
         import atexit
         import subprocess
 
         self.t0 = time.perf_counter()
         self.seconds = 0.0
         self.api_url: str | None = None
+        self.kept = keep_s > 0
+        self.reused = False
         self._timeout = 120.0
+        self._report: dict | None = None
+        self._lock_fd: int | None = None
+        self._pid: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._pipe: int | None = None
+        if self.kept and self._attach(keep_s):
+            return
         read, write = os.pipe()
+        args = [sys.executable, "-m", "vitdistill_cli.prefect_api", str(write)]
         try:
-            self.process: subprocess.Popen | None = subprocess.Popen(
-                [sys.executable, "-m", "vitdistill_cli.prefect_api", str(write)], pass_fds=(write,),
-                stdin=subprocess.DEVNULL, process_group=0)
+            if self.kept:  # detached, logging to a file of its own: it outlives this command
+                from vitdistill_cli import prefect_api
+
+                self._log = prefect_api.kept_dir() / f"{self._key}.log"
+                with open(self._log, "ab") as log:
+                    self.process = subprocess.Popen([*args, "--keep", str(keep_s), "--key", self._key],
+                                                    pass_fds=(write,), stdin=subprocess.DEVNULL, stdout=log,
+                                                    stderr=log, start_new_session=True)
+            else:
+                self.process = subprocess.Popen(args, pass_fds=(write,), stdin=subprocess.DEVNULL, process_group=0)
         finally:
             os.close(write)
         self._pipe = read
-        atexit.register(self.stop)  # early, so it runs after Prefect's own exit hooks (they flush to the API)
+        if not self.kept:
+            atexit.register(self.stop)  # early, so it runs after Prefect's own exit hooks (they flush to the API)
+
+    def _attach(self, keep_s: float) -> bool:
+        """With ``orchestration.keep_api_s``: take this command's lease on the kept server of these settings
+        (held until the process ends) and use the server if it is up; False when one has to be started (the
+        start lock is then held until :meth:`use` has its port, so a concurrent command waits for it)."""
+        import fcntl
+
+        from vitdistill_cli import prefect_api
+
+        d = prefect_api.kept_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        self._key = prefect_api.api_key()
+        self._lock_fd = os.open(d / f"{self._key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        lease = os.open(d / f"{self._key}.lease", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lease, fcntl.LOCK_SH)  # never closed: the kernel drops it when this process ends
+        record = prefect_api.read_record(d / f"{self._key}.json")
+        if record is None:
+            return False
+        self._report, self._pid, self.reused = record, record["pid"], True
+        self._release_start_lock()
+        return True
+
+    def _release_start_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
 
     def use(self) -> None:
         """Point this process's Prefect at the server (``PREFECT_API_URL``) once it has its port; called
         before Prefect is imported, which reads its settings once."""
-        with os.fdopen(self._pipe, "r") as pipe:
-            line = pipe.readline()
-        if not line:
-            code = self.process.wait() if self.process else None
-            raise RuntimeError(f"the ephemeral Prefect API server exited (code {code}) before it chose a port; "
-                               "see its output above")
-        report = json.loads(line)
+        report = self._report
+        if report is None:
+            with os.fdopen(self._pipe, "r") as pipe:
+                line = pipe.readline()
+            if self.kept and self.process is not None:  # the parent of the detached server, gone at once
+                self.process.wait()
+                self.process = None
+            self._release_start_lock()
+            if not line:
+                code = self.process.wait() if self.process else None
+                where = f"see {self._log}" if self.kept else "see its output above"
+                raise RuntimeError(f"the ephemeral Prefect API server exited (code {code}) before it chose a port; "
+                                   f"{where}")
+            report = json.loads(line)
+            self._pid = report.get("pid")
         if report["port"] is None:  # a profile names the API, or the ephemeral server is disabled
             self.stop()
             return
@@ -282,17 +335,28 @@ class _EphemeralAPI:
         deadline = self.t0 + self._timeout
         while not http_ok(f"{self.api_url}/health", timeout=2):
             code = self.process.poll() if self.process else None
-            if code is not None or time.perf_counter() > deadline:
-                why = f"exited with code {code}" if code is not None else f"did not answer in {self._timeout:.0f} s"
-                raise RuntimeError(f"the ephemeral Prefect API server at {self.api_url} {why}; see its output above "
+            gone = code is not None or (self.kept and not self._kept_alive())
+            if gone or time.perf_counter() > deadline:
+                why = (f"exited with code {code}" if code is not None else "exited" if gone
+                       else f"did not answer in {self._timeout:.0f} s")
+                where = f"see {self._log}" if self.kept and not self.reused else "see its output above"
+                raise RuntimeError(f"the ephemeral Prefect API server at {self.api_url} {why}; {where} "
                                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS sets the wait)")
             time.sleep(0.05)
-        self.seconds = time.perf_counter() - self.t0
+        self.seconds = 0.0 if self.reused else time.perf_counter() - self.t0
+
+    def _kept_alive(self) -> bool:
+        import psutil
+
+        return self._pid is not None and psutil.pid_exists(self._pid)
 
     def stop(self) -> None:
-        """Terminate the server (5 s to stop, then killed), as Prefect's ``SubprocessASGIServer.stop``."""
+        """Terminate the server (5 s to stop, then killed), as Prefect's ``SubprocessASGIServer.stop``. A kept
+        server is left running: it stops itself once no command has used it for ``keep_api_s``."""
         import subprocess
 
+        if self.kept:
+            return
         proc, self.process = self.process, None
         if proc is None:
             return
@@ -307,13 +371,14 @@ class _EphemeralAPI:
             del os.environ["PREFECT_API_URL"]
 
 
-def _start_ephemeral_api() -> _EphemeralAPI | None:
-    """Start the ephemeral API in the background when no ``PREFECT_API_URL`` server is used. Where
+def _start_ephemeral_api(keep_s: float = 0.0) -> _EphemeralAPI | None:
+    """Start the ephemeral API in the background when no ``PREFECT_API_URL`` server is used, or with
+    ``keep_s`` (``orchestration.keep_api_s``) use the kept one of these settings if it is up. Where
     Prefect was imported already (this command run from Python), its settings are read: Prefect
     then starts its own server on first use."""
     if check_prefect_api() is not None or "prefect" in sys.modules:
         return None
-    return _EphemeralAPI()
+    return _EphemeralAPI(keep_s)
 
 
 # where a command's start-up time goes (seconds), written as JSON to $VITDISTILL_TIMINGS when set;
@@ -336,7 +401,7 @@ def _before_flows(config: list[Path] | None, sets: list[str] | None, debug: bool
 
     watchdog.start()  # first: a kill -9 of this command then still stops the ephemeral Prefect server below
     t1 = time.perf_counter()
-    api = _start_ephemeral_api()
+    api = _start_ephemeral_api(cfg.orchestration.keep_api_s)
     t2 = time.perf_counter()
     from vitdistill.tracking import get_tracker
 
@@ -484,11 +549,17 @@ def up_cmd(config: ConfigOpt = None, set_: SetOpt = None, json_path: JsonOpt = N
 
 @app.command("down")
 def down_cmd(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Stop exactly the processes `vitdistill up` started from this directory."""
-    from vitdistill_cli import stack
+    """Stop exactly the processes `vitdistill up` started from this directory, and the kept ephemeral
+    Prefect APIs of this PREFECT_HOME (orchestration.keep_api_s)."""
+    from vitdistill_cli import prefect_api, stack
 
-    stopped = _guard(debug, lambda: stack.down(_load(config, set_)))
-    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    cfg = _guard(debug, lambda: _load(config, set_))
+    kept = [f"ephemeral Prefect API (pid {pid})" for pid in prefect_api.stop_kept()]
+    if kept and not stack.state_file(cfg).exists():
+        stopped = []
+    else:
+        stopped = _guard(debug, lambda: stack.down(cfg))
+    out.print(f"stopped: {', '.join([*stopped, *kept]) or 'nothing was running'}")
 
 
 @app.command("deploy")
@@ -640,9 +711,41 @@ def list_stages_cmd() -> None:
         out.print(f"{s.name}  <- {', '.join(s.needs) or '-'}  [dim]{s.description}[/]", highlight=False)
 
 
+def _exit_now(code: Any) -> None:
+    """End the process as ``sys.exit(code)`` would, without the interpreter's teardown.
+
+    Non-daemon threads are joined and the exit hooks run (``atexit``: Prefect and MLflow flush what they
+    queued, logging shuts down, temporary directories go, the ephemeral API server is stopped), and the
+    output is flushed; then ``os._exit``. What is skipped is the interpreter tearing down every module and
+    freeing every object one by one: after a flow run (Prefect, MLflow, pandas, SQLAlchemy imported) that
+    alone took ~3 s, a quarter of a no-op command (``benchmarks/bench_cli.py``)."""
+    import atexit
+    import threading
+
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    for t in threading.enumerate():  # what threading._shutdown does before the exit hooks
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        _exit_now(e.code)
+    _exit_now(0)
 
 
 if __name__ == "__main__":
