@@ -727,9 +727,7 @@ def _exit_now(code: Any) -> None:
     elif not isinstance(code, int):  # sys.exit("message")
         print(code, file=sys.stderr)
         code = 1
-    for t in threading.enumerate():  # what threading._shutdown does before the exit hooks
-        if t is not threading.current_thread() and not t.daemon:
-            t.join()
+    threading._shutdown()  # as at a normal exit, first: its hooks end thread pools, then non-daemon threads are joined
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
