@@ -66,7 +66,8 @@ def main() -> None:
     # a Prefect home of its own: no API kept by an earlier command serves the cold run
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO),
            "PREFECT_HOME": str(work / "prefect-home")}
-    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+    # PYTHONDONTWRITEBYTECODE: as a person's shell, the project's modules are compiled once, not on every command
+    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PYTHONDONTWRITEBYTECODE"):
         env.pop(k, None)
     try:
         print(f"{'command':34s} {'median s':>9s} {'target':>8s}  imports torch/prefect/mlflow/timm")

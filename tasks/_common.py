@@ -70,12 +70,24 @@ def retry_on_io_only(task, task_run, state) -> bool:
     return False
 
 
+def deployment_id() -> str | None:
+    """The deployment of this flow run, or None (a run from the CLI). Read from the run's context:
+    ``prefect.runtime.deployment.id`` asks the API for the flow run (a round trip and a new client,
+    ~0.15 s) whenever the run has no deployment, that is on every CLI run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        return str(ctx.flow_run.deployment_id) if ctx.flow_run.deployment_id else None
+    return deployment.id
+
+
 def prefect_tags() -> dict[str, str | None]:
     return {
         "prefect.flow_run_id": flow_run.id,
         "prefect.flow_run_name": flow_run.name,
         "prefect.flow_name": flow_run.flow_name,
-        "prefect.deployment": deployment.name,
+        "prefect.deployment": deployment.name if deployment_id() else None,
     }
 
 
@@ -139,14 +151,13 @@ def watch_prefect_api(lost_after_s: float = API_LOST_AFTER_S, poll_s: float = 2.
     reports the run Crashed, and a resubmission resumes from the caches and checkpoints. Runs on the
     CLI's own ephemeral API (no deployment) are left alone: the CLI owns that server."""
     global _watchdog
-    from prefect.runtime import deployment
     from prefect.settings import PREFECT_API_URL
 
     from vitdistill.redact import redact_uri
     from vitdistill.tracking import http_probe
 
     api = PREFECT_API_URL.value()
-    if not api or not deployment.id or (_watchdog is not None and _watchdog.is_alive()):
+    if not api or not deployment_id() or (_watchdog is not None and _watchdog.is_alive()):
         return
 
     def watch() -> None:

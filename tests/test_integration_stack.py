@@ -208,6 +208,44 @@ def _screenshots(work: Path, pages: dict[str, tuple[str, list[str]]]) -> dict[st
     return doms
 
 
+def graph_nodes(png: Path) -> list[tuple[int, int, int, int]]:
+    """The task-run nodes of a Prefect flow-run graph in a screenshot: the graph is a canvas (no DOM to
+    read), on which each Completed run is a bar of the Completed state's green, 32 px high at this window
+    size. Returns (top, bottom, left, right) of each such bar, found as the connected regions of that
+    green (the state badge above the graph is shorter, the timeline under it thinner, so neither counts)."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    green = (g > r + 60) & (g > b + 40) & (g > 120)
+    parent: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    runs, box, previous = [], {}, []  # horizontal runs of green per row, merged with overlapping runs above
+    for y in range(green.shape[0]):
+        row = np.flatnonzero(np.diff(np.concatenate(([0], green[y].astype(np.int8), [0]))))
+        current = []
+        for x0, x1 in zip(row[::2], row[1::2]):
+            i = len(runs)
+            runs.append((y, x0, x1))
+            parent[i] = i
+            for j, px0, px1 in previous:
+                if px0 < x1 and x0 < px1:
+                    parent[find(i)] = find(j)
+            current.append((i, x0, x1))
+        previous = current
+    for i, (y, x0, x1) in enumerate(runs):
+        t, bt, l, rt = box.get(find(i), (y, y, x0, x1))
+        box[find(i)] = (min(t, y), max(bt, y + 1), min(l, x0), max(rt, x1))
+    return sorted(tuple(map(int, v)) for v in box.values() if 24 <= v[1] - v[0] <= 40 and v[3] - v[2] >= 8)
+
+
 def test_evaluate_then_the_report_deployment_through_the_servers(stack):
     """The evaluate stage against the servers writes its report; the `report` deployment, run by the
     worker, writes it again to S3 and logs it on the parent run (artifacts on S3 via the MLflow server)."""
@@ -273,6 +311,12 @@ def test_evaluate_then_the_report_deployment_through_the_servers(stack):
                                  ["vitdistill-student", "champion", "candidate"]),
     })
     assert "Version 1" in doms["mlflow-model-aliases"] or "version 1" in doms["mlflow-model-aliases"].lower()
+    # the graph itself is drawn on a canvas: its nodes are read from the screenshot. The flow's top-level
+    # task runs (the four stages, opening and closing the MLflow runs, the report, the summary), laid out
+    # over time in several lanes: a graph, not one row
+    nodes = graph_nodes(Path(os.environ.get("VITDISTILL_SCREENSHOTS", work / "screenshots")) / "prefect-flow-run-graph.png")
+    assert len(nodes) >= 6, nodes
+    assert len({top for top, *_ in nodes}) >= 3 and len({left for *_, left, _ in nodes}) >= 4, nodes
 
 
 def test_unreachable_servers_and_missing_deployments_are_one_line(stack):

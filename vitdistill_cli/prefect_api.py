@@ -131,10 +131,20 @@ def _watch_idle(server, lease: Path, record_path: Path, keep_s: float, pid: int)
             record = read_record(record_path)
             if record is not None and record["pid"] == pid:
                 record_path.unlink(missing_ok=True)
+            _quiet()
             server.should_exit = True
             return
         fcntl.flock(fd, fcntl.LOCK_UN)
         time.sleep(POLL_S)
+
+
+def _quiet() -> None:
+    """Once the server is asked to stop, it logs nothing more: its services are cancelled in the middle
+    of their writes, and each says so with a traceback (the task-run recorder's "Error flushing ...
+    events"), which the command's terminal would otherwise show after its own last line."""
+    import logging
+
+    logging.disable(logging.CRITICAL)
 
 
 def main(argv: list[str]) -> int:
@@ -174,7 +184,12 @@ def main(argv: list[str]) -> int:
 
     config = uvicorn.Config("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
                             port=report["port"], log_level="error", lifespan="on")
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM from the command's stop, or SIGINT
+            _quiet()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     if record_path is not None:
         threading.Thread(target=_watch_idle, args=(server, kept_dir() / f"{key}.lease", record_path, keep_s,
                                                    report["pid"]), daemon=True, name="idle-watch").start()
