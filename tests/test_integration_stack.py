@@ -215,35 +215,14 @@ def graph_nodes(png: Path) -> list[tuple[int, int, int, int]]:
     green (the state badge above the graph is shorter, the timeline under it thinner, so neither counts)."""
     import numpy as np
     from PIL import Image
+    from skimage.measure import label, regionprops
 
     rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     green = (g > r + 60) & (g > b + 40) & (g > 120)
-    parent: dict[int, int] = {}
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    runs, box, previous = [], {}, []  # horizontal runs of green per row, merged with overlapping runs above
-    for y in range(green.shape[0]):
-        row = np.flatnonzero(np.diff(np.concatenate(([0], green[y].astype(np.int8), [0]))))
-        current = []
-        for x0, x1 in zip(row[::2], row[1::2]):
-            i = len(runs)
-            runs.append((y, x0, x1))
-            parent[i] = i
-            for j, px0, px1 in previous:
-                if px0 < x1 and x0 < px1:
-                    parent[find(i)] = find(j)
-            current.append((i, x0, x1))
-        previous = current
-    for i, (y, x0, x1) in enumerate(runs):
-        t, bt, l, rt = box.get(find(i), (y, y, x0, x1))
-        box[find(i)] = (min(t, y), max(bt, y + 1), min(l, x0), max(rt, x1))
-    return sorted(tuple(map(int, v)) for v in box.values() if 24 <= v[1] - v[0] <= 40 and v[3] - v[2] >= 8)
+    boxes = [(top, bottom, left, right) for top, left, bottom, right in
+             (region.bbox for region in regionprops(label(green, connectivity=1)))]
+    return sorted(box for box in boxes if 24 <= box[1] - box[0] <= 40 and box[3] - box[2] >= 8)
 
 
 def test_evaluate_then_the_report_deployment_through_the_servers(stack):
